@@ -145,7 +145,7 @@ def exact_grad(layer, x, w):
 
 
 def ours_grad(layer, x, w, z0, **cfg):
-    deq = DEQ(layer, f_thres=MAX_ITER, f_tol=TOL, **cfg)
+    deq = DEQ(layer, **cfg)
     xr = x.clone().requires_grad_()
     z, info = deq(xr, z0)
     (gx,) = torch.autograd.grad((z * w).sum(), xr)
@@ -163,22 +163,28 @@ def theirs_grad(layer, x, w, z0, **kw):
     return gx, {}
 
 
-def grad_table(problems, threads):
+def grad_table(problems, exact_grads, threads):
     torch.set_num_threads(max(threads))
-    methods = [("deqray DEQ defaults (implicit, anderson backward)", ours_grad, {})]
+    methods = [
+        (
+            "deqray: forward to 1e-4, backward at defaults",
+            ours_grad,
+            dict(f_thres=MAX_ITER, f_tol=TOL),
+        ),
+        ("deqray: all defaults", ours_grad, {}),
+    ]
     try:
         import torchdeq  # noqa: F401
 
         methods += [
-            ("torchdeq ift=True, its backward defaults", theirs_grad, dict(ift=True)),
-            ("torchdeq defaults (1-step phantom)", theirs_grad, {}),
+            ("torchdeq: forward to 1e-4, ift=True, backward defaults", theirs_grad, dict(ift=True)),
+            ("torchdeq: forward to 1e-4, defaults (1-step gradient)", theirs_grad, {}),
         ]
     except ImportError:
         pass
     rows = []
     for pname, (layer, x) in problems.items():
-        w = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
-        exact = exact_grad(layer, x, w)
+        w, exact = exact_grads[pname]
         z0 = torch.zeros_like(x)
         for label, fn, kw in methods:
             t = time.perf_counter()
@@ -221,9 +227,16 @@ def main():
         }
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(problems, cache)
-    print(f"problems built in {time.perf_counter() - t:.0f}s", flush=True)
+    # Dense references first: with torch 2.14.1 + MKL, batched LU of 512x512
+    # matrices fails ("DLASWP parameter 6") once the thread count has been
+    # changed from 1 back to 2 in the process.
+    exact_grads = {}
+    for pname, (layer, x) in problems.items():
+        w = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+        exact_grads[pname] = (w, exact_grad(layer, x, w))
+    print(f"problems and references built in {time.perf_counter() - t:.0f}s", flush=True)
     solvers = solver_table(problems, args.threads, args.repeats)
-    grads = grad_table(problems, args.threads)
+    grads = grad_table(problems, exact_grads, args.threads)
     report = dict(
         date=str(date.today()),
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads max, "

@@ -138,7 +138,7 @@ def run(
         f"eval: train acc {result.train_acc:.3f}, test acc {result.test_acc:.3f}; "
         f"forward steps {m['fwd_nstep']:.1f} (max {m['fwd_nstep_max']:.0f}), "
         f"rel residual {m['fwd_rel_residual']:.1e} (max {m['fwd_rel_residual_max']:.1e}), "
-        f"converged {m['fwd_converged']:.2f}, spectral radius {m['sradius']:.3f} "
+        f"converged {m['fwd_converged']:.3f}, spectral radius {m['sradius']:.3f} "
         f"(max {m['sradius_max']:.3f}); {result.seconds:.1f} s"
     )
     return result
