@@ -94,6 +94,19 @@ def test_thresholds_in_train_and_eval_and_per_call():
     assert info.nfe == 5
 
 
+def test_f_thres_jitter_in_training_only():
+    layer, x = contractive()
+    deq = DEQ(layer, f_thres=10, f_thres_jitter=3, eval_f_thres=12, f_tol=1e-30)
+    z0 = torch.zeros_like(x)
+    torch.manual_seed(0)
+    seen = {deq(x, z0)[1].nfe for _ in range(40)}
+    assert seen <= set(range(7, 14)) and len(seen) >= 5
+    deq.eval()
+    assert {deq(x, z0)[1].nfe for _ in range(5)} == {12}
+    with pytest.raises(ValueError, match="f_thres_jitter"):
+        DEQConfig.build(f_thres=5, f_thres_jitter=5)
+
+
 def test_no_grad_forward_returns_the_solver_result_without_graph():
     layer, x = contractive()
     deq = DEQ(layer)

@@ -35,6 +35,7 @@ class DEQConfig:
 
     f_solver: str = "anderson"  # forward solver (a registered name)
     f_thres: int = 40  # forward iteration budget in training
+    f_thres_jitter: int = 0  # in training, each forward draws f_thres +- this (uniform)
     eval_f_thres: int | None = None  # budget in eval mode (None: f_thres)
     f_tol: float = 1e-4
     f_stop_mode: str = "rel"
@@ -103,6 +104,10 @@ class DEQConfig:
                 raise ValueError(f"{where}: {key} must be >= 1, got {getattr(self, key)}")
         if self.sradius_iters < 2:
             raise ValueError(f"{where}: sradius_iters must be >= 2, got {self.sradius_iters}")
+        if self.f_thres_jitter < 0 or self.f_thres_jitter >= self.f_thres:
+            raise ValueError(
+                f"{where}: f_thres_jitter must be in [0, f_thres), got {self.f_thres_jitter}"
+            )
         if self.eval_f_thres is not None and self.eval_f_thres < 1:
             raise ValueError(f"{where}: eval_f_thres must be >= 1, got {self.eval_f_thres}")
         for key in ("f_tol", "b_tol"):
@@ -188,8 +193,9 @@ class DEQ(nn.Module):
       offer `init_state(x)`.
     * `pretrain=True`: f applied `pretrain_layers` times with ordinary
       backprop (the weight-tied network used in the first training steps).
-    * `f_thres`: this call's iteration budget (a trainer's random jitter);
-      otherwise `f_thres` in training and `eval_f_thres` in eval mode.
+    * `f_thres`: this call's iteration budget; otherwise `f_thres` in
+      training (drawn from f_thres +- f_thres_jitter when the jitter is set)
+      and `eval_f_thres` in eval mode.
     * `jac_loss=True`: `info.jac_loss` holds the Hutchinson estimate of
       ||J||_F^2 / dim at the equilibrium, differentiable.
     * `sradius=True`: `info.sradius` holds the power-method spectral radius.
@@ -264,7 +270,13 @@ class DEQ(nn.Module):
         spec = StateSpec(z0)
         ff = flat_function(lambda s: self.f(s, x), spec)
         if f_thres is None:
-            f_thres = cfg.f_thres if self.training or cfg.eval_f_thres is None else cfg.eval_f_thres
+            if self.training:
+                f_thres = cfg.f_thres
+                if cfg.f_thres_jitter:  # torch's RNG, so that seeds reproduce it
+                    j = cfg.f_thres_jitter
+                    f_thres += int(torch.randint(-j, j + 1, ()))
+            else:
+                f_thres = cfg.f_thres if cfg.eval_f_thres is None else cfg.eval_f_thres
         solver_kwargs = dict(max_iter=int(f_thres), tol=cfg.f_tol, stop_mode=cfg.f_stop_mode)
         need_grad = torch.is_grad_enabled()
         z0_flat = spec.flatten(z0)

@@ -1,0 +1,1 @@
+"""Multiscale DEQ (in progress)."""

@@ -1,0 +1,1 @@
+"""DEQ-Transformer language model (in progress)."""
