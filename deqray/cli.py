@@ -13,6 +13,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result.test_acc > 0 else 1
 
 
+def _models(args: argparse.Namespace) -> int:
+    from deqray.models import describe
+
+    rows = describe()
+    width = max(len(r["preset"]) for r in rows)
+    print(f"{'preset':<{width}}  {'family':<16} {'parameters':>14}")
+    for r in rows:
+        print(f"{r['preset']:<{width}}  {r['family']:<16} {r['parameters']:>14,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deqray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     demo.set_defaults(func=_demo)
+    models = sub.add_parser("models", help="list the model presets with their parameter counts")
+    models.set_defaults(func=_models)
     return parser
 
 

@@ -194,3 +194,23 @@ def test_a_deq_student_recovers_its_teacher():
     assert float((W - Wt).norm() / Wt.norm()) < 2e-2
     m = info.metrics()
     assert m["fwd_converged"] == 1.0 and m["bwd_converged"] == 1.0
+
+
+@pytest.mark.parametrize("f_solver", ["anderson", "broyden"])
+def test_autocast_runs_f_in_low_precision_and_the_solver_in_the_state_dtype(f_solver):
+    layer, x = contractive(dtype=torch.float32)
+    dtypes = []
+    layer.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    deq = DEQ(layer, f_solver=f_solver, f_tol=1e-2, b_tol=1e-2)
+    xr = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, info = deq(xr, torch.zeros_like(x), jac_loss=True)
+        loss = z.float().pow(2).sum() + info.jac_loss
+        loss.backward()  # inside the autocast region on purpose
+    assert torch.bfloat16 in dtypes  # f ran in bf16 ...
+    assert z.dtype == torch.float32  # ... the state and the solver did not
+    assert bool(info.converged.all()) and info.backward.calls == 1
+    assert torch.isfinite(xr.grad).all()
+    with torch.no_grad():
+        z32, _ = deq(x, torch.zeros_like(x))
+    assert float((z.detach() - z32).norm() / z32.norm()) < 0.05  # bf16-level agreement

@@ -77,6 +77,8 @@ class StateSpec:
                 f"f returned {len(outs)} state tensors, the state has {len(self.shapes)}"
             )
         for i, (t, s) in enumerate(zip(outs, self.shapes, strict=True)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"f returned {type(t).__name__} as state element {i}")
             if tuple(t.shape) != s:
                 raise ValueError(f"f changed state element {i} from shape {s} to {tuple(t.shape)}")
 
@@ -94,6 +96,7 @@ def flat_function(f, spec: StateSpec, *, checked: bool = True):
         if first[0]:
             spec.check_output(out)
             first[0] = False
-        return spec.flatten(out)
+        # the solver iterates in the state's dtype, whatever precision f ran in
+        return spec.flatten(out).to(spec.dtype)
 
     return flat_f

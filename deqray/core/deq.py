@@ -26,7 +26,7 @@ from ._state import State, StateSpec, flat_function
 from .grad import GRAD_MODES, BackwardStats, attach_implicit, phantom, unrolled
 from .jacobian import frobenius_per_dim, jac_loss_estimate, spectral_radius
 from .regularizers import dropout_scope, weight_norm_cache
-from .solvers import STOP_MODES, SolverResult, get_solver
+from .solvers import STOP_MODES, SolverResult, get_solver, no_autocast
 
 
 @dataclass
@@ -46,6 +46,8 @@ class DEQConfig:
     # takes ~100-150 steps; a budget of 30 leaves a 13% gradient error there.
     b_thres: int = 150
     b_tol: float = 1e-5
+    # "abs" backward tolerances scale with the loss (its gradient shrinks with
+    # the batch size); "rel" does not, hence the default.
     b_stop_mode: str = "rel"
     b_solver_options: dict = field(default_factory=dict)
     grad: str = "implicit"  # implicit | phantom | unrolled
@@ -117,6 +119,13 @@ class DEQConfig:
             raise ValueError(
                 f"{where}: phantom_damping must be in (0, 1], got {self.phantom_damping}"
             )
+
+
+def _active_autocast() -> tuple[str, torch.dtype] | None:
+    for device in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device):
+            return device, torch.get_autocast_dtype(device)
+    return None
 
 
 def _check_type(where: str, key: str, value: Any, hint: Any) -> None:
@@ -231,20 +240,31 @@ class DEQ(nn.Module):
             if init is None:
                 raise ValueError("DEQ: pass z0, or give f an init_state(x) method")
             z0 = init(x)
-        with weight_norm_cache(self.f), dropout_scope():
+        # Under autocast, only f runs in reduced precision: the solvers, the
+        # implicit backward and the Jacobian tools work in the state's dtype
+        # (a bf16 Gram matrix or residual would end the solve early or wrong).
+        amp = _active_autocast()
+
+        def call_f(z: State) -> State:  # f at the caller's autocast setting
+            if amp is None:
+                return self.f(z, x)
+            with torch.autocast(amp[0], dtype=amp[1]):
+                return self.f(z, x)
+
+        with weight_norm_cache(self.f), dropout_scope(), no_autocast():
             if pretrain:
-                return self._pretrain(x, z0, jac_loss, sradius)
-            return self._solve(x, z0, f_thres, jac_loss, sradius)
+                return self._pretrain(call_f, z0, jac_loss, sradius)
+            return self._solve(call_f, z0, f_thres, jac_loss, sradius)
 
     # ------------------------------------------------------------------ modes
 
-    def _pretrain(self, x, z0, want_jac, want_sr):
+    def _pretrain(self, call_f, z0, want_jac, want_sr):
         cfg = self.config
         z = z0
         for _ in range(cfg.pretrain_layers - 1):
-            z = self.f(z, x)
+            z = call_f(z)
         spec = StateSpec(z0)
-        ff = flat_function(lambda s: self.f(s, x), spec)
+        ff = flat_function(call_f, spec)
         z_last = spec.flatten(z)
         need_graph = want_jac or want_sr
         if need_graph and not z_last.requires_grad:
@@ -265,10 +285,10 @@ class DEQ(nn.Module):
         self._jacobian_terms(info, fz, z_last, spec.dim, want_jac, want_sr)
         return spec.unflatten(fz), info
 
-    def _solve(self, x, z0, f_thres, want_jac, want_sr):
+    def _solve(self, call_f, z0, f_thres, want_jac, want_sr):
         cfg = self.config
         spec = StateSpec(z0)
-        ff = flat_function(lambda s: self.f(s, x), spec)
+        ff = flat_function(call_f, spec)
         if f_thres is None:
             if self.training:
                 f_thres = cfg.f_thres

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .solvers import SolverResult, fixed_point, get_solver
+from .solvers import SolverResult, fixed_point, get_solver, no_autocast
 
 GRAD_MODES = ("implicit", "phantom", "unrolled")
 
@@ -76,7 +76,8 @@ def attach_implicit(
             (jtu,) = torch.autograd.grad(fz, z, u, retain_graph=True)
             return jtu + v
 
-        res = solve(step, v, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **options)
+        with no_autocast():  # backward() may be called inside an autocast region
+            res = solve(step, v, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **options)
         stats.calls += 1
         stats.result = res
         return res.flat

@@ -23,6 +23,7 @@ Residuals: abs = ||f(z) - z||, rel = abs / (||f(z)|| + 1e-9), 2-norms per sample
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable
@@ -229,6 +230,17 @@ class _Progress:
             tol=self.tol,
             flat=self.best_z,
         )
+
+
+@contextlib.contextmanager
+def no_autocast():
+    """Autocast off (CPU and CUDA) for the block: solver arithmetic stays in the state's dtype."""
+    with torch.autocast("cpu", enabled=False):
+        if torch.cuda.is_available():
+            with torch.autocast("cuda", enabled=False):
+                yield
+        else:
+            yield
 
 
 def _prepare(name, f, z0, max_iter, tol, stop_mode, unknown, valid):

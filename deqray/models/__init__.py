@@ -9,6 +9,24 @@
 `build(name_or_config)` builds any preset or config; `presets()` lists them.
 """
 
-from .registry import build, make_config, preset_config, presets, register_family, register_preset
+from .registry import (
+    build,
+    count_parameters,
+    describe,
+    make_config,
+    preset_config,
+    presets,
+    register_family,
+    register_preset,
+)
 
-__all__ = ["build", "make_config", "preset_config", "presets", "register_family", "register_preset"]
+__all__ = [
+    "build",
+    "count_parameters",
+    "describe",
+    "make_config",
+    "preset_config",
+    "presets",
+    "register_family",
+    "register_preset",
+]

@@ -53,7 +53,12 @@ def preset_config(name: str) -> Any:
 
 def make_config(spec: str | Mapping | Any, where: str = "model", **overrides) -> Any:
     """The config for a preset name, a mapping ({"preset": name, ...} or
-    {"family": name, ...}), or a config object, with `overrides` applied."""
+    {"family": name, ...}), or a config object, with `overrides` applied.
+
+    Overrides of a dict-valued field are merged into it (`deq={"f_thres": 20}`
+    keeps the preset's other solver settings), and a dotted key reaches one
+    entry of it (`**{"deq.f_thres": 20}`).
+    """
     _load()
     if isinstance(spec, str):
         cfg = preset_config(spec)
@@ -80,19 +85,49 @@ def make_config(spec: str | Mapping | Any, where: str = "model", **overrides) ->
         )
     if overrides:
         names = [f.name for f in dataclasses.fields(cfg)]
-        for key in overrides:
-            if key not in names:
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            # "deq.f_thres=20" reaches into a dict field
+            head, _, rest = key.partition(".")
+            if head not in names:
                 raise ValueError(
-                    f"{where}: unknown key {key!r} for {type(cfg).__name__}"
-                    f"{suggest(key, names)}; valid keys: {', '.join(names)}"
+                    f"{where}: unknown key {head!r} for {type(cfg).__name__}"
+                    f"{suggest(head, names)}; valid keys: {', '.join(names)}"
                 )
-        cfg = dataclasses.replace(cfg, **overrides)
+            current = changes.get(head, getattr(cfg, head))
+            if rest:
+                if not isinstance(current, dict):
+                    raise ValueError(f"{where}: {head!r} is not a mapping, so {key!r} is invalid")
+                value = {**current, rest: value}
+            elif isinstance(current, dict) and isinstance(value, Mapping):
+                value = {**current, **value}  # merge: keep the preset's other entries
+            changes[head] = value
+        cfg = dataclasses.replace(cfg, **changes)
     return cfg
 
 
 def build(spec: str | Mapping | Any, where: str = "model", **overrides) -> nn.Module:
     """Build a model from a preset name, a mapping or a config (see `make_config`)."""
     return make_config(spec, where, **overrides).build()
+
+
+def count_parameters(spec: str | Mapping | Any, **overrides) -> int:
+    """Trainable parameters of a model, built on the meta device (nothing allocated)."""
+    import torch
+
+    with torch.device("meta"):
+        model = build(spec, **overrides)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe() -> list[dict]:
+    """One row per preset: name, family, parameter count."""
+    rows = []
+    for name in presets():
+        cfg = preset_config(name)
+        family = next(f for f, cls in _FAMILIES.items() if isinstance(cfg, cls))
+        rows.append({"preset": name, "family": family, "parameters": count_parameters(cfg)})
+    return rows
 
 
 def _load() -> None:
