@@ -122,6 +122,7 @@ def main():
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     report["lm"] = lm(args.lm_batch, args.steps)
     torch.cuda.empty_cache()
