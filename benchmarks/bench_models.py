@@ -114,9 +114,11 @@ def measure(model, step, pretrain, repeats):
     )
 
 
-def run_family(name, make_step, depths, repeats):
+def run_family(name, make_step, depths, repeats, deq_overrides):
     torch.manual_seed(0)
     model = build(name).to(DEVICE).train()
+    if deq_overrides:
+        set_deq(model, **deq_overrides)
     step = make_step(model)
     rows = []
     base = measure(model, step, False, repeats)  # the preset's own settings
@@ -134,7 +136,7 @@ def run_family(name, make_step, depths, repeats):
         )
         deq = measure(model, step, False, repeats)
         unr = measure(model, step, True, repeats)
-        rows.append(dict(model=name, mode="deq", depth=n, **deq))
+        rows.append(dict(model=name, mode="deq", depth=n, deq=deq_overrides, **deq))
         rows.append(dict(model=name, mode="unrolled", depth=n, **unr))
         print(
             f"{name} n={n:3d}  deq {deq['wall_ms']:8.1f} ms {deq['memory_bytes'] / 2**20:8.2f} MiB"
@@ -155,14 +157,22 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--deq", default="{}", help="JSON of DEQConfig overrides for every DEQ")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     DEVICE = args.device
+    over = json.loads(args.deq)
     rows = []
     rows += run_family(
-        "deq-transformer-tiny", lambda m: transformer_step(m, 8, 16), args.depths, args.repeats
+        "deq-transformer-tiny",
+        lambda m: transformer_step(m, 8, 16),
+        args.depths,
+        args.repeats,
+        over,
     )
-    rows += run_family("mdeq-cifar-tiny", lambda m: mdeq_step(m, 8, 32), args.depths, args.repeats)
+    rows += run_family(
+        "mdeq-cifar-tiny", lambda m: mdeq_step(m, 8, 32), args.depths, args.repeats, over
+    )
     report = dict(
         date=str(date.today()),
         device=DEVICE,
