@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -177,15 +174,9 @@ class _Net(nn.Module):
         return self.head(z).sum()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, state, x, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, store_path, state, x, out_path):
+    # a file rendezvous: no TCP port to race for when several test runs share the machine
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         layer, _ = contractive(batch=x.shape[0], width=x.shape[1])
@@ -214,7 +205,7 @@ def test_ddp_gradients_match_single_process(tmp_path):
     out_path = str(tmp_path / "grads.pt")
     mp.start_processes(
         _ddp_worker,
-        args=(2, _free_port(), state, x, out_path),
+        args=(2, str(tmp_path / "rendezvous"), state, x, out_path),
         nprocs=2,
         join=True,
         start_method="spawn",
