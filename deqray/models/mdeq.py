@@ -315,6 +315,23 @@ class MDEQBase(nn.Module):
             for c, (h, w) in zip(self.config.channels, sizes, strict=True)
         ]
 
+    def forward(
+        self,
+        images: Tensor,
+        *,
+        pretrain: bool = False,
+        f_thres: int | None = None,
+        jac_loss: bool = False,
+        sradius: bool = False,
+    ) -> tuple[Tensor, DEQInfo]:
+        z, info = self.features(
+            images, pretrain=pretrain, f_thres=f_thres, jac_loss=jac_loss, sradius=sradius
+        )
+        return self.predict(z, images), info
+
+    def predict(self, z: list[Tensor], images: Tensor) -> Tensor:
+        raise NotImplementedError  # the head: classification or segmentation
+
     def features(
         self,
         images: Tensor,
@@ -430,19 +447,8 @@ class MDEQClassifier(MDEQBase):
         super().__init__(cfg)
         self.head = ClassificationHead(cfg)
 
-    def forward(
-        self,
-        images: Tensor,
-        *,
-        pretrain: bool = False,
-        f_thres: int | None = None,
-        jac_loss: bool = False,
-        sradius: bool = False,
-    ) -> tuple[Tensor, DEQInfo]:
-        z, info = self.features(
-            images, pretrain=pretrain, f_thres=f_thres, jac_loss=jac_loss, sradius=sradius
-        )
-        return self.head(z), info
+    def predict(self, z: list[Tensor], images: Tensor) -> Tensor:
+        return self.head(z)
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits.float(), labels)
@@ -455,19 +461,8 @@ class MDEQSegmenter(MDEQBase):
         super().__init__(cfg)
         self.head = SegmentationHead(cfg)
 
-    def forward(
-        self,
-        images: Tensor,
-        *,
-        pretrain: bool = False,
-        f_thres: int | None = None,
-        jac_loss: bool = False,
-        sradius: bool = False,
-    ) -> tuple[Tensor, DEQInfo]:
-        z, info = self.features(
-            images, pretrain=pretrain, f_thres=f_thres, jac_loss=jac_loss, sradius=sradius
-        )
-        return self.head(z, images.shape[-2:]), info
+    def predict(self, z: list[Tensor], images: Tensor) -> Tensor:
+        return self.head(z, images.shape[-2:])
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Per-pixel cross-entropy over the pixels not labelled `ignore_index`."""
