@@ -24,6 +24,45 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_value(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from deqray.data import DataError, preprocess
+    from deqray.data._ray import connect
+
+    options = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"deqray preprocess: --set expects key=value, got {item!r}", file=sys.stderr)
+            return 2
+        options[key.replace("-", "_")] = _parse_value(value)
+    connect()
+    try:
+        manifest = preprocess(
+            args.dataset,
+            args.src,
+            args.out,
+            overwrite=args.overwrite,
+            strict=args.strict,
+            **options,
+        )
+    except DataError as e:
+        print(f"deqray preprocess: {e}", file=sys.stderr)
+        return 1
+    for name, split in manifest.splits.items():
+        print(f"{name}: {split.rows:,} rows in {len(split.shards)} shards; {split.stats}")
+    print(f"manifest: {manifest.root.rstrip('/')}/manifest.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deqray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     models = sub.add_parser("models", help="list the model presets with their parameter counts")
     models.set_defaults(func=_models)
+    pre = sub.add_parser("preprocess", help="raw data -> parquet shards + manifest.json (Ray Data)")
+    pre.add_argument("dataset", help="wikitext-103, wikitext-2, imagenet, cifar10, digits, markov")
+    pre.add_argument("--src", default=None, help="raw data: local path or s3://, gs:// URI")
+    pre.add_argument("--out", required=True, help="output directory: local path or URI")
+    pre.add_argument("--overwrite", action="store_true", help="redo a finished output")
+    pre.add_argument("--strict", action="store_true", help="fail on the first bad record")
+    pre.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a data set option, e.g. --set shard_mb=256",
+    )
+    pre.set_defaults(func=_preprocess)
     return parser
 
 

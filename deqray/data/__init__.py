@@ -1,0 +1,56 @@
+"""deqray.data: raw data -> parquet shards (Ray Data) -> training workers.
+
+Preprocessing writes a directory of parquet shards and a `manifest.json`
+(see `manifest`); readers turn a manifest directory into Ray Datasets for
+`TorchTrainer(datasets=...)`. Embedded data sets need no download.
+
+`preprocess(dataset, src, out, **options)` runs one of PREPROCESSORS.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ._fs import DataError, Location, locate
+from .manifest import Manifest, Shard, Split, load_manifest, prepare_output, write_manifest
+
+# name -> "module:function"; each function is
+#   fn(src: str | None, out: str, *, overwrite=False, strict=False, **options) -> Manifest
+PREPROCESSORS = {
+    "wikitext-103": "deqray.data.wikitext:preprocess_wikitext",
+    "wikitext-2": "deqray.data.wikitext:preprocess_wikitext",
+    "markov": "deqray.data.markov:write_markov_corpus",
+    "imagenet": "deqray.data.images:preprocess_imagenet",
+    "cifar10": "deqray.data.images:preprocess_cifar10",
+    "digits": "deqray.data.digits:write_digits",
+}
+
+
+def preprocess(dataset: str, src: str | None, out: str, **options) -> Manifest:
+    from deqray.core._errors import suggest
+
+    if dataset not in PREPROCESSORS:
+        raise DataError(
+            f"unknown data set {dataset!r}{suggest(dataset, PREPROCESSORS)}; "
+            f"known: {', '.join(PREPROCESSORS)}"
+        )
+    module, fn = PREPROCESSORS[dataset].split(":")
+    func = getattr(importlib.import_module(module), fn)
+    if dataset.startswith("wikitext"):
+        options.setdefault("name", dataset)
+    return func(src, out, **options)
+
+
+__all__ = [
+    "DataError",
+    "Location",
+    "Manifest",
+    "PREPROCESSORS",
+    "Shard",
+    "Split",
+    "load_manifest",
+    "locate",
+    "prepare_output",
+    "preprocess",
+    "write_manifest",
+]

@@ -1,0 +1,196 @@
+"""The manifest of a preprocessed data set, and the output directory's life cycle.
+
+Layout of an output directory:
+
+    manifest.json            written last: its presence means "complete"
+    <extra files>            e.g. vocab.txt
+    <split>/shard-00000.parquet, ...
+
+`manifest.json` records, per split, the shards (relative path, rows, bytes,
+sha256) and the split's statistics; and, for the data set, facts such as the
+vocabulary size or the class names. `load_manifest` checks the shards
+against it, so a truncated or altered shard is reported by name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._fs import TMP_MARK, DataError, Location, locate, sha256_bytes
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Shard:
+    path: str  # relative to the output directory
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Split:
+    rows: int = 0
+    shards: list[Shard] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    dataset: str  # e.g. "wikitext-103", "imagenet", "cifar10", "digits", "markov"
+    kind: str  # "lm" or "vision"
+    splits: dict[str, Split] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    created: str = ""
+    version: int = FORMAT_VERSION
+    root: str = field(default="", compare=False)  # where it was loaded from (not stored)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("root")
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Manifest:
+        try:
+            d = json.loads(text)
+            splits = {
+                name: Split(
+                    rows=s["rows"],
+                    shards=[Shard(**sh) for sh in s["shards"]],
+                    stats=s.get("stats", {}),
+                )
+                for name, s in d.pop("splits").items()
+            }
+            return cls(splits=splits, **d)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{where}: not a valid deqray manifest ({e})") from None
+
+    def shard_uris(self, split: str) -> list[str]:
+        """Full URIs of a split's shards, in order."""
+        if split not in self.splits:
+            raise DataError(
+                f"{posixpath.join(self.root, MANIFEST)}: no split {split!r}; "
+                f"splits: {', '.join(self.splits)}"
+            )
+        return [self.root.rstrip("/") + "/" + s.path for s in self.splits[split].shards]
+
+
+def write_shard(out: Location, relpath: str, table: pa.Table) -> Shard:
+    """Write a parquet shard atomically and describe it for the manifest."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    data = buf.getvalue()
+    out.join(*relpath.split("/")).write_bytes(data)
+    return Shard(path=relpath, rows=table.num_rows, bytes=len(data), sha256=sha256_bytes(data))
+
+
+def write_manifest(out: Location, manifest: Manifest) -> None:
+    manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out.join(MANIFEST).write_bytes(manifest.to_json().encode())
+
+
+def load_manifest(root: str | Location, *, verify: str = "size") -> Manifest:
+    """Read `root/manifest.json` and check its shards.
+
+    verify: "none"; "size" (every shard exists with the recorded size and a
+    readable parquet footer with the recorded row count: catches truncation);
+    or "checksum" (also the sha256 of every shard).
+    """
+    if verify not in ("none", "size", "checksum"):
+        raise ValueError(f"verify must be 'none', 'size' or 'checksum', got {verify!r}")
+    root = locate(root)
+    mpath = root.join(MANIFEST)
+    if not mpath.is_file():
+        raise DataError(
+            f"{mpath}: no manifest; preprocess the data first (`deqray preprocess ...`), "
+            "or the run that wrote this directory did not finish"
+        )
+    m = Manifest.from_json(mpath.read_bytes().decode(), str(mpath))
+    m.root = root.uri
+    if m.version != FORMAT_VERSION:
+        raise DataError(f"{mpath}: format version {m.version}, this deqray reads {FORMAT_VERSION}")
+    if verify == "none":
+        return m
+    for split, info in m.splits.items():
+        for sh in info.shards:
+            loc = root.join(*sh.path.split("/"))
+            if not loc.is_file():
+                raise DataError(f"{loc}: shard of split {split!r} listed in {mpath} is missing")
+            size = loc.size()
+            if size != sh.bytes:
+                raise DataError(
+                    f"{loc}: {size} bytes, the manifest says {sh.bytes} (truncated or replaced)"
+                )
+            try:
+                with loc.fs.open_input_file(loc.path) as fh:
+                    rows = pq.ParquetFile(fh).metadata.num_rows
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{loc}: not a readable parquet file ({e})") from None
+            if rows != sh.rows:
+                raise DataError(f"{loc}: {rows} rows, the manifest says {sh.rows}")
+            if verify == "checksum" and loc.sha256() != sh.sha256:
+                raise DataError(f"{loc}: checksum does not match {mpath}")
+    return m
+
+
+def prepare_output(
+    out: str | Location, *, overwrite: bool = False, owned: tuple[str, ...] = ()
+) -> tuple[Location, Manifest | None]:
+    """Get an output directory ready; return it and the finished manifest to reuse, if any.
+
+    * A complete output (a manifest whose shards check out) is returned for
+      reuse, unless `overwrite`.
+    * Leftovers of an interrupted run (no manifest) are removed: temporary
+      files, shard directories and the `owned` extra files. Anything else in
+      the directory is an error, so that a wrong --out never deletes user data.
+    """
+    out = locate(out)
+    if not out.exists():
+        out.mkdir()
+        return out, None
+    if not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory")
+    if not overwrite and out.join(MANIFEST).is_file():
+        try:
+            return out, load_manifest(out, verify="size")
+        except DataError as e:
+            raise DataError(
+                f"{e}\n(the output at {out} is damaged; pass --overwrite to redo it)"
+            ) from None
+    names = out.list()
+    manifest_names = {MANIFEST, *owned}
+    foreign = [
+        n
+        for n in names
+        if n not in manifest_names and not n.startswith(TMP_MARK) and not _is_split_dir(out, n)
+    ]
+    if foreign:
+        raise DataError(
+            f"{out}: not empty and not a deqray data set (found {', '.join(foreign[:5])}); "
+            "choose another --out"
+        )
+    if out.join(MANIFEST).is_file():  # overwrite: the manifest goes first
+        out.join(MANIFEST).remove()
+    for n in names:
+        if n != MANIFEST:
+            out.join(n).remove()
+    return out, None
+
+
+def _is_split_dir(out: Location, name: str) -> bool:
+    loc = out.join(name)
+    if not loc.is_dir():
+        return False
+    return all(n.startswith(("shard-", TMP_MARK)) for n in loc.list())

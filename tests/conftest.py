@@ -1,0 +1,55 @@
+"""Test session fixtures: one local Ray instance for the whole session, cleaned up by us.
+
+Ray is started once (`ray_session`), with the real 2 CPUs of this machine
+and a custom TRAIN_DRIVER resource for trial drivers (see RAY_NOTES). It is
+shut down at the end of the session by the driver that started it: that
+stops the processes of this instance only (never `ray stop`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import ray
+
+    if ray.is_initialized():  # someone else's instance: use it, leave it
+        yield ray
+        return
+    ray.init(
+        num_cpus=2,
+        resources={"TRAIN_DRIVER": 4},
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_clean(ray_session):
+    """Ray, with placement groups that a test leaves behind removed afterwards.
+
+    A fit that fails inside the Ray Train controller can leave its placement
+    group holding the CPUs, and every later Ray test would then hang.
+    """
+    yield ray_session
+    import ray
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    for pg_id, info in placement_group_table().items():
+        if info.get("state") != "REMOVED":
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+            except Exception:  # removed meanwhile
+                pass
