@@ -33,6 +33,19 @@ def _parse_value(text: str):
         return text
 
 
+def _summary(stats: dict) -> str:
+    """Scalars as they are; long mappings and lists (per-class counts, skipped files) by size."""
+    parts = []
+    for key, value in stats.items():
+        if isinstance(value, dict) and len(value) > 8:
+            parts.append(f"{key}: {len(value)} entries")
+        elif isinstance(value, list) and len(value) > 8:
+            parts.append(f"{key}: {len(value)} items")
+        else:
+            parts.append(f"{key}: {value}")
+    return ", ".join(parts)
+
+
 def _preprocess(args: argparse.Namespace) -> int:
     from deqray.data import DataError, preprocess
     from deqray.data._ray import connect
@@ -58,7 +71,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         print(f"deqray preprocess: {e}", file=sys.stderr)
         return 1
     for name, split in manifest.splits.items():
-        print(f"{name}: {split.rows:,} rows in {len(split.shards)} shards; {split.stats}")
+        print(f"{name}: {split.rows:,} rows in {len(split.shards)} shards; {_summary(split.stats)}")
     print(f"manifest: {manifest.root.rstrip('/')}/manifest.json")
     return 0
 
@@ -84,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="a data set option, e.g. --set shard_mb=256",
+        help="a data set option, e.g. --set shard_tokens=1048576 or (markov) --set tokens=500000;"
+        " an unknown key lists the valid ones",
     )
     pre.set_defaults(func=_preprocess)
     return parser

@@ -10,6 +10,7 @@ Preprocessing writes a directory of parquet shards and a `manifest.json`
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from ._fs import DataError, Location, locate
 from .manifest import Manifest, Shard, Split, load_manifest, prepare_output, write_manifest
@@ -38,7 +39,33 @@ def preprocess(dataset: str, src: str | None, out: str, **options) -> Manifest:
     func = getattr(importlib.import_module(module), fn)
     if dataset.startswith("wikitext"):
         options.setdefault("name", dataset)
+    valid = [
+        p.name for p in inspect.signature(func).parameters.values() if p.kind is p.KEYWORD_ONLY
+    ]
+    for key in options:
+        if key not in valid:
+            raise DataError(
+                f"{dataset}: unknown option {key!r}{suggest(key, valid)}; "
+                f"options: {', '.join(valid)}"
+            )
     return func(src, out, **options)
+
+
+def __getattr__(name: str):
+    # readers import Ray: load them on first use, so `import deqray.data` stays light
+    lazy = {
+        "lm_ingest": "lm",
+        "lm_datasets": "lm",
+        "LMDataConfig": "lm",
+        "LMBatch": "lm",
+        "iter_lm_batches": "lm",
+        "load_vocab": "wikitext",
+        "vision_datasets": "vision",
+        "vision_data_config": "vision",
+    }
+    if name in lazy:
+        return getattr(importlib.import_module(f"deqray.data.{lazy[name]}"), name)
+    raise AttributeError(f"module 'deqray.data' has no attribute {name!r}")
 
 
 __all__ = [

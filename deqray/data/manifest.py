@@ -87,10 +87,14 @@ class Manifest:
         return [self.root.rstrip("/") + "/" + s.path for s in self.splits[split].shards]
 
 
-def write_shard(out: Location, relpath: str, table: pa.Table) -> Shard:
-    """Write a parquet shard atomically and describe it for the manifest."""
+def write_shard(out: Location, relpath: str, table: pa.Table, **parquet_options) -> Shard:
+    """Write a parquet shard atomically and describe it for the manifest.
+
+    `parquet_options` go to `pyarrow.parquet.write_table` (e.g. row_group_size,
+    which bounds the smallest read a reader can make).
+    """
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, **parquet_options)
     data = buf.getvalue()
     out.join(*relpath.split("/")).write_bytes(data)
     return Shard(path=relpath, rows=table.num_rows, bytes=len(data), sha256=sha256_bytes(data))

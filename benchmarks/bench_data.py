@@ -1,0 +1,299 @@
+"""Ray Data streaming into a 2-worker TorchTrainer against a torch DataLoader, same shards.
+
+    python benchmarks/bench_data.py --out benchmarks/results/data.json
+
+1. Preprocessing throughput (MB/s of raw input): a generated WikiText-format
+   corpus (the Markov source) and a generated ImageNet-style folder of JPEGs.
+2. Language modelling: (batch, tgt_len) token batches in stream order.
+   Ray: `lm_ingest` + TorchTrainer(2 workers, 0.5 CPU each); each worker
+   iterates its lanes for one epoch. DataLoader: 2 worker processes building
+   the same batches from the same parquet shards. Tokens/s delivered.
+3. Vision: decoded and augmented (random-resized crop 224, flip, normalise)
+   float tensors. Ray: `vision_datasets` (torchvision in map_batches on CPU
+   actors) + TorchTrainer(2 workers). DataLoader: 2 worker processes doing
+   the same decode and torchvision transforms on rows of the same shards.
+   Images/s delivered.
+Each side is timed from the first request for data to the last batch, in
+the consumer(s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import date
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from deqray.data import load_manifest
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+# ----------------------------------------------------------------------------- language
+
+
+def make_text(workdir: str, tokens: int) -> str:
+    """A WikiText-format corpus from the Markov source, as raw text files."""
+    from deqray.data.markov import MarkovParams, random_chain
+
+    src = os.path.join(workdir, "lm_raw")
+    if os.path.isdir(src):
+        return src
+    os.makedirs(src)
+    chain = random_chain(MarkovParams(vocab_size=300, seed=0))
+    rng = np.random.default_rng(1)
+    for split, n in (("train", tokens), ("valid", tokens // 20), ("test", tokens // 20)):
+        text = chain.text(chain.sample(n, rng))
+        with open(os.path.join(src, f"{split}.txt"), "w") as fh:
+            fh.write(text)
+    return src
+
+
+class LaneBatches(torch.utils.data.IterableDataset):
+    """The DataLoader peer: the same lanes as deqray's LM reader, built from the shards.
+
+    Each DataLoader worker takes one of the `ranks` lane groups (as a Ray
+    Train worker would) and reads the shards itself.
+    """
+
+    def __init__(self, root, split, ranks, batch, tgt_len):
+        self.uris = load_manifest(root).shard_uris(split)
+        self.ranks, self.batch, self.tgt_len = ranks, batch, tgt_len
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rank = info.id if info else 0
+        tokens = np.concatenate(
+            [pq.read_table(u.replace("file://", "")).column(0).to_numpy() for u in self.uris]
+        )
+        lane = (len(tokens) - 1) // (self.ranks * self.batch)
+        starts = (rank * self.batch + np.arange(self.batch)) * lane
+        for pos in range(0, lane, self.tgt_len):
+            n = min(self.tgt_len, lane - pos)
+            idx = starts[:, None] + pos + np.arange(n + 1)[None, :]
+            block = torch.from_numpy(tokens[idx].astype(np.int64))
+            yield block[:, :-1], block[:, 1:]
+
+
+def dataloader_lm(root, batch, tgt_len):
+    ds = LaneBatches(root, "train", 2, batch, tgt_len)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    t = time.perf_counter()
+    tokens = sum(x.numel() for x, _ in loader)
+    return tokens, time.perf_counter() - t
+
+
+def lm_timing_loop(config):
+    """Ray Train worker: one epoch of LM batches, timed in the worker."""
+    import ray.train
+
+    from deqray.data.lm import iter_lm_batches
+
+    shard = ray.train.get_dataset_shard("train")
+    t = time.perf_counter()
+    tokens = sum(b.tokens.numel() for b in iter_lm_batches(shard, config["tgt_len"]))
+    ray.train.report({"tokens": tokens, "seconds": time.perf_counter() - t})
+
+
+def ray_trainer(loop, config, datasets, dataset_config, name):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = tempfile.mkdtemp(prefix="deqray-bench-")
+    try:
+        trainer = TorchTrainer(
+            loop,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            datasets=datasets,
+            dataset_config=dataset_config,
+            run_config=RunConfig(name=name, storage_path=storage),
+        )
+        t = time.perf_counter()
+        result = trainer.fit()
+        return result, time.perf_counter() - t
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- vision
+
+
+def make_images(workdir: str, n: int) -> str:
+    from PIL import Image
+
+    src = os.path.join(workdir, "img_raw")
+    if os.path.isdir(src):
+        return src
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("val", n // 10)):
+        for i in range(count):
+            cls = f"n{i % 10:08d}"
+            os.makedirs(os.path.join(src, split, cls), exist_ok=True)
+            # smooth random images (like photos, they compress): noise upsampled
+            small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+            img = Image.fromarray(small).resize((320, 240), Image.BILINEAR)
+            img.save(os.path.join(src, split, cls, f"img{i:06d}.JPEG"), quality=90)
+    return src
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """The DataLoader peer: rows of the same shards, decoded and transformed per item."""
+
+    def __init__(self, root, split, transform):
+        m = load_manifest(root)
+        self.uris = m.shard_uris(split)
+        self.counts = [s.rows for s in m.splits[split].shards]
+        self.offsets = np.cumsum([0] + self.counts)
+        self.transform = transform
+        self._tables: dict[int, object] = {}
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        if s not in self._tables:  # each worker reads a shard once
+            self._tables[s] = pq.read_table(
+                self.uris[s].replace("file://", ""), columns=["image", "label"]
+            )
+        t = self._tables[s]
+        row = i - int(self.offsets[s])
+        img = Image.open(io.BytesIO(t.column("image")[row].as_py())).convert("RGB")
+        return self.transform(img), int(t.column("label")[row].as_py())
+
+
+def dataloader_vision(root, size, batch):
+    from torchvision import transforms as T
+
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    ds = ImageRows(root, "train", tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2)
+    t = time.perf_counter()
+    n = sum(x.shape[0] for x, _ in loader)
+    return n, time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "deqray-bench-data"))
+    ap.add_argument("--lm-tokens", type=int, default=4_000_000)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    report = dict(
+        date=str(date.today()),
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, ray {ray.__version__}",
+    )
+    try:
+        from deqray.data import preprocess
+
+        # --- preprocessing throughput
+        text = make_text(args.workdir, args.lm_tokens)
+        lm_root = os.path.join(args.workdir, "lm")
+        t = time.perf_counter()
+        preprocess("wikitext-103", text, lm_root, overwrite=True)
+        sec = time.perf_counter() - t
+        mb = dir_bytes(text) / 2**20
+        report["preprocess_text"] = dict(raw_mb=mb, seconds=sec, mb_per_s=mb / sec)
+        print(f"preprocess text: {mb:.1f} MB in {sec:.1f} s = {mb / sec:.1f} MB/s", flush=True)
+
+        imgs = make_images(args.workdir, args.images)
+        img_root = os.path.join(args.workdir, "img")
+        t = time.perf_counter()
+        preprocess("imagenet", imgs, img_root, overwrite=True)
+        sec = time.perf_counter() - t
+        mb = dir_bytes(imgs) / 2**20
+        report["preprocess_images"] = dict(
+            raw_mb=mb, seconds=sec, mb_per_s=mb / sec, images_per_s=args.images * 1.1 / sec
+        )
+        print(f"preprocess images: {mb:.1f} MB in {sec:.1f} s = {mb / sec:.1f} MB/s", flush=True)
+
+        # --- language: Ray Data + TorchTrainer vs DataLoader
+        from deqray.data.lm import lm_ingest
+
+        batch, tgt_len = 16, 150
+        n, sec = dataloader_lm(lm_root, batch, tgt_len)
+        dl = n / sec
+        datasets, cfg = lm_ingest(lm_root, batch, splits=("train",))
+        result, wall = ray_trainer(lm_timing_loop, {"tgt_len": tgt_len}, datasets, cfg, "lm")
+        m = result.metrics
+        ray_rate = 2 * m["tokens"] / m["seconds"]  # rank 0's rate, both ranks read alike
+        report["lm"] = dict(
+            dataloader_tokens_per_s=dl,
+            ray_tokens_per_s=ray_rate,
+            ratio=ray_rate / dl,
+            fit_wall_s=wall,
+        )
+        print(
+            f"lm: DataLoader {dl:,.0f} tokens/s, Ray {ray_rate:,.0f} tokens/s "
+            f"({ray_rate / dl:.2f}x); fit {wall:.1f} s",
+            flush=True,
+        )
+
+        # --- vision
+        from deqray.data.vision import consume_loop, vision_data_config, vision_datasets
+
+        size = 224
+        n, sec = dataloader_vision(img_root, size, 32)
+        dl = n / sec
+        ds = vision_datasets(img_root, splits=["train"], size=size, actors=2, actor_cpus=0.5)
+        report_dir = tempfile.mkdtemp(prefix="deqray-consume-")
+        result, wall = ray_trainer(
+            consume_loop,
+            {"splits": ["train"], "batch_size": 32, "report_dir": report_dir},
+            ds,
+            vision_data_config("train"),
+            "vision",
+        )
+        recs = [json.load(open(os.path.join(report_dir, f))) for f in os.listdir(report_dir)]
+        rows = sum(r["epochs"][0]["train"]["rows"] for r in recs)
+        secs = max(r["epochs"][0]["train"]["seconds"] for r in recs)
+        ray_rate = rows / secs
+        report["vision"] = dict(
+            dataloader_images_per_s=dl,
+            ray_images_per_s=ray_rate,
+            ratio=ray_rate / dl,
+            fit_wall_s=wall,
+            size=size,
+        )
+        print(
+            f"vision: DataLoader {dl:,.1f} images/s, Ray {ray_rate:,.1f} images/s "
+            f"({ray_rate / dl:.2f}x); fit {wall:.1f} s",
+            flush=True,
+        )
+    finally:
+        ray.shutdown()
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
