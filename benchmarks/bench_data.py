@@ -89,9 +89,47 @@ class LaneBatches(torch.utils.data.IterableDataset):
 def dataloader_lm(root, batch, tgt_len):
     ds = LaneBatches(root, "train", 2, batch, tgt_len)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    return timed(loader, lambda b: b[0].numel())
+
+
+def timed(loader, count):
+    """(items, seconds, first-batch seconds, items in the first batch)."""
     t = time.perf_counter()
-    tokens = sum(x.numel() for x, _ in loader)
-    return tokens, time.perf_counter() - t
+    n = first = n_first = 0
+    for b in loader:
+        k = count(b)
+        if not first:
+            first, n_first = time.perf_counter() - t, k
+        n += k
+    return n, time.perf_counter() - t, first, n_first
+
+
+def summarize(label, unit, dl, recs):
+    """Both sides' overall and steady (after the first batch) rates, and their ratios."""
+    n, sec, first, n_first = dl
+    dl_rate, dl_steady = n / sec, (n - n_first) / (sec - first)
+    total = sum(r["items"] for r in recs)
+    secs = max(r["seconds"] for r in recs)
+    r_first = max(r["first_batch_seconds"] for r in recs)
+    ray_rate, ray_steady = total / secs, total / (secs - r_first)
+    print(
+        f"{label}: DataLoader {dl_rate:,.0f} {unit}/s (steady {dl_steady:,.0f}, first batch "
+        f"{first:.2f} s); Ray {ray_rate:,.0f} {unit}/s (steady {ray_steady:,.0f}, first batch "
+        f"{r_first:.2f} s): {ray_rate / dl_rate:.2f}x overall, {ray_steady / dl_steady:.2f}x "
+        "steady",
+        flush=True,
+    )
+    return dict(
+        dataloader_per_s=dl_rate,
+        dataloader_steady_per_s=dl_steady,
+        dataloader_first_batch_s=first,
+        ray_per_s=ray_rate,
+        ray_steady_per_s=ray_steady,
+        ray_first_batch_s=r_first,
+        ratio=ray_rate / dl_rate,
+        steady_ratio=ray_steady / dl_steady,
+        unit=unit,
+    )
 
 
 def lm_timing_loop(config):
@@ -102,8 +140,34 @@ def lm_timing_loop(config):
 
     shard = ray.train.get_dataset_shard("train")
     t = time.perf_counter()
-    tokens = sum(b.tokens.numel() for b in iter_lm_batches(shard, config["tgt_len"]))
-    ray.train.report({"tokens": tokens, "seconds": time.perf_counter() - t})
+    tokens, first = 0, None
+    for b in iter_lm_batches(shard, config["tgt_len"]):
+        if first is None:
+            first = time.perf_counter() - t
+        tokens += b.tokens.numel()
+    rec = {"items": tokens, "seconds": time.perf_counter() - t, "first_batch_seconds": first}
+    rank = ray.train.get_context().get_world_rank()
+    with open(os.path.join(config["report_dir"], f"rank-{rank}.json"), "w") as fh:
+        json.dump(rec, fh)
+    ray.train.report(rec)  # (Result.metrics keeps only reports with a checkpoint)
+
+
+def vision_timing_loop(config):
+    """Ray Train worker: one epoch of image batches, counted (no other work), timed."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    t = time.perf_counter()
+    n, first = 0, None
+    for b in shard.iter_torch_batches(batch_size=config["batch_size"], prefetch_batches=4):
+        if first is None:
+            first = time.perf_counter() - t
+        n += b["image"].shape[0]
+    rec = {"items": n, "seconds": time.perf_counter() - t, "first_batch_seconds": first}
+    rank = ray.train.get_context().get_world_rank()
+    with open(os.path.join(config["report_dir"], f"rank-{rank}.json"), "w") as fh:
+        json.dump(rec, fh)
+    ray.train.report(rec)
 
 
 def ray_trainer(loop, config, datasets, dataset_config, name):
@@ -189,9 +253,7 @@ def dataloader_vision(root, size, batch):
     )
     ds = ImageRows(root, "train", tf)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2)
-    t = time.perf_counter()
-    n = sum(x.shape[0] for x, _ in loader)
-    return n, time.perf_counter() - t
+    return timed(loader, lambda b: b[0].shape[0])
 
 
 def main():
@@ -199,6 +261,7 @@ def main():
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "deqray-bench-data"))
     ap.add_argument("--lm-tokens", type=int, default=4_000_000)
     ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--skip-lm", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
@@ -239,54 +302,41 @@ def main():
         from deqray.data.lm import lm_ingest
 
         batch, tgt_len = 16, 150
-        n, sec = dataloader_lm(lm_root, batch, tgt_len)
-        dl = n / sec
-        datasets, cfg = lm_ingest(lm_root, batch, splits=("train",))
-        result, wall = ray_trainer(lm_timing_loop, {"tgt_len": tgt_len}, datasets, cfg, "lm")
-        m = result.metrics
-        ray_rate = 2 * m["tokens"] / m["seconds"]  # rank 0's rate, both ranks read alike
-        report["lm"] = dict(
-            dataloader_tokens_per_s=dl,
-            ray_tokens_per_s=ray_rate,
-            ratio=ray_rate / dl,
-            fit_wall_s=wall,
-        )
-        print(
-            f"lm: DataLoader {dl:,.0f} tokens/s, Ray {ray_rate:,.0f} tokens/s "
-            f"({ray_rate / dl:.2f}x); fit {wall:.1f} s",
-            flush=True,
-        )
+        dl = dataloader_lm(lm_root, batch, tgt_len) if not args.skip_lm else None
+        if dl is not None:
+            datasets, cfg = lm_ingest(lm_root, batch, splits=("train",))
+            report_dir = tempfile.mkdtemp(prefix="deqray-lm-")
+            _, wall = ray_trainer(
+                lm_timing_loop, {"tgt_len": tgt_len, "report_dir": report_dir}, datasets, cfg, "lm"
+            )
+            recs = [json.load(open(os.path.join(report_dir, f))) for f in os.listdir(report_dir)]
+            report["lm"] = dict(summarize("lm", "tokens", dl, recs), fit_wall_s=wall)
 
         # --- vision
-        from deqray.data.vision import consume_loop, vision_data_config, vision_datasets
+        from deqray.data.vision import vision_data_config, vision_datasets
 
         size = 224
-        n, sec = dataloader_vision(img_root, size, 32)
-        dl = n / sec
-        ds = vision_datasets(img_root, splits=["train"], size=size, actors=2, actor_cpus=0.5)
-        report_dir = tempfile.mkdtemp(prefix="deqray-consume-")
-        result, wall = ray_trainer(
-            consume_loop,
-            {"splits": ["train"], "batch_size": 32, "report_dir": report_dir},
-            ds,
-            vision_data_config("train"),
-            "vision",
-        )
-        recs = [json.load(open(os.path.join(report_dir, f))) for f in os.listdir(report_dir)]
-        rows = sum(r["epochs"][0]["train"]["rows"] for r in recs)
-        secs = max(r["epochs"][0]["train"]["seconds"] for r in recs)
-        ray_rate = rows / secs
+        dl = dataloader_vision(img_root, size, 32)
+        report["vision_configs"] = {}
+        for actors, actor_cpus in ((2, 0.5), (3, 0.25)):
+            ds = vision_datasets(
+                img_root, splits=["train"], size=size, actors=actors, actor_cpus=actor_cpus
+            )
+            report_dir = tempfile.mkdtemp(prefix="deqray-vision-")
+            _, wall = ray_trainer(
+                vision_timing_loop,
+                {"batch_size": 32, "report_dir": report_dir},
+                ds,
+                vision_data_config("train"),
+                "vision",
+            )
+            recs = [json.load(open(os.path.join(report_dir, f))) for f in os.listdir(report_dir)]
+            key = f"{actors} actors x {actor_cpus} CPU"
+            report["vision_configs"][key] = dict(
+                summarize(f"vision ({key})", "images", dl, recs), fit_wall_s=wall
+            )
         report["vision"] = dict(
-            dataloader_images_per_s=dl,
-            ray_images_per_s=ray_rate,
-            ratio=ray_rate / dl,
-            fit_wall_s=wall,
-            size=size,
-        )
-        print(
-            f"vision: DataLoader {dl:,.1f} images/s, Ray {ray_rate:,.1f} images/s "
-            f"({ray_rate / dl:.2f}x); fit {wall:.1f} s",
-            flush=True,
+            max(report["vision_configs"].values(), key=lambda r: r["ratio"]), size=size
         )
     finally:
         ray.shutdown()

@@ -47,7 +47,7 @@ def _summary(stats: dict) -> str:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from deqray.data import DataError, preprocess
+    from deqray.data import DataError, resolve
     from deqray.data._ray import connect
 
     options = {}
@@ -57,16 +57,12 @@ def _preprocess(args: argparse.Namespace) -> int:
             print(f"deqray preprocess: --set expects key=value, got {item!r}", file=sys.stderr)
             return 2
         options[key.replace("-", "_")] = _parse_value(value)
-    connect()
+    if args.dataset.startswith("wikitext"):
+        options.setdefault("name", args.dataset)
     try:
-        manifest = preprocess(
-            args.dataset,
-            args.src,
-            args.out,
-            overwrite=args.overwrite,
-            strict=args.strict,
-            **options,
-        )
+        func = resolve(args.dataset, options)  # bad names fail before Ray starts
+        connect()
+        manifest = func(args.src, args.out, overwrite=args.overwrite, strict=args.strict, **options)
     except DataError as e:
         print(f"deqray preprocess: {e}", file=sys.stderr)
         return 1

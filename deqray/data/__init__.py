@@ -27,7 +27,8 @@ PREPROCESSORS = {
 }
 
 
-def preprocess(dataset: str, src: str | None, out: str, **options) -> Manifest:
+def resolve(dataset: str, options: dict):
+    """The preprocessing function for `dataset`, after checking `options` against it."""
     from deqray.core._errors import suggest
 
     if dataset not in PREPROCESSORS:
@@ -37,8 +38,6 @@ def preprocess(dataset: str, src: str | None, out: str, **options) -> Manifest:
         )
     module, fn = PREPROCESSORS[dataset].split(":")
     func = getattr(importlib.import_module(module), fn)
-    if dataset.startswith("wikitext"):
-        options.setdefault("name", dataset)
     valid = [
         p.name for p in inspect.signature(func).parameters.values() if p.kind is p.KEYWORD_ONLY
     ]
@@ -48,7 +47,13 @@ def preprocess(dataset: str, src: str | None, out: str, **options) -> Manifest:
                 f"{dataset}: unknown option {key!r}{suggest(key, valid)}; "
                 f"options: {', '.join(valid)}"
             )
-    return func(src, out, **options)
+    return func
+
+
+def preprocess(dataset: str, src: str | None, out: str, **options) -> Manifest:
+    if dataset.startswith("wikitext"):
+        options.setdefault("name", dataset)
+    return resolve(dataset, options)(src, out, **options)
 
 
 def __getattr__(name: str):
@@ -79,5 +84,6 @@ __all__ = [
     "locate",
     "prepare_output",
     "preprocess",
+    "resolve",
     "write_manifest",
 ]
