@@ -163,6 +163,25 @@ def test_imagenet_strict_names_the_bad_image_and_writes_no_manifest(imagenet, tm
         load_manifest(out)
 
 
+def test_failed_overwrite_keeps_the_previous_output(imagenet, tmp_path):
+    """--overwrite --strict meeting a bad image half way: the old output survives, complete."""
+    base, _, m = imagenet
+    out = tmp_path / "copy"
+    shutil.copytree(m.root, out)
+    with pytest.raises(DataError, match=r"n01_garbage\.JPEG|n03_cut\.JPEG"):
+        preprocess_imagenet(
+            str(base / "src"), str(out), overwrite=True, strict=True, shard_mb=0.01, progress=False
+        )
+    kept = load_manifest(out, verify="checksum")
+    assert kept.splits == m.splits
+    # the failed run's staging directory is a leftover that the next run removes
+    assert any(p.name.startswith(".tmp-stage-") for p in out.iterdir())
+    redone = preprocess_imagenet(str(base / "src"), str(out), overwrite=True, progress=False)
+    assert redone.splits["train"].rows == m.splits["train"].rows
+    assert not any(p.name.startswith(".tmp-") for p in out.iterdir())
+    load_manifest(out, verify="checksum")
+
+
 def test_interrupted_run_is_cleaned_up(imagenet, tmp_path):
     base, _, _ = imagenet
     out = tmp_path / "out"

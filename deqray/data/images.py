@@ -61,8 +61,10 @@ from .manifest import (
     Manifest,
     Shard,
     Split,
+    commit_output,
     load_manifest,
     prepare_output,
+    stage_output,
     write_manifest,
     write_shard,
 )
@@ -340,6 +342,7 @@ def assemble_splits(
 def finish(
     out_loc: Location,
     *,
+    staged: Location | None = None,
     dataset: str,
     source: str,
     classes: list[str],
@@ -364,6 +367,8 @@ def finish(
         },
         source=source,
     )
+    if staged is not None:  # --overwrite of a finished output: swap the new files in now
+        commit_output(out_loc, staged)
     write_manifest(out_loc, manifest)  # last: its presence means the output is complete
     if progress:
         for name, s in splits.items():
@@ -483,7 +488,7 @@ def preprocess_imagenet(
             )
     label = {c: i for i, c in enumerate(classes)}
 
-    out_loc, _ = prepare_output(out, overwrite=overwrite)
+    out_loc, write_loc = stage_output(out, overwrite=overwrite)
     jobs = []
     total_bytes = 0
     for name in splits:
@@ -499,7 +504,7 @@ def preprocess_imagenet(
                     "split": name,
                     "order": k,
                     "src": src_loc.join(name).uri,
-                    "out": out_loc.uri,
+                    "out": write_loc.uri,
                     "strict": strict,
                     # (class, relative path, label, index in split)
                     "files": [
@@ -528,6 +533,7 @@ def preprocess_imagenet(
     )
     return finish(
         out_loc,
+        staged=write_loc,
         dataset="imagenet",
         source=src_loc.uri,
         classes=classes,
@@ -714,7 +720,7 @@ def preprocess_cifar10(
         unit="batch files checked",
         progress=progress,
     )
-    out_loc, _ = prepare_output(out, overwrite=overwrite)
+    out_loc, write_loc = stage_output(out, overwrite=overwrite)
     per_shard = max(1, int(shard_mb * MB) // (3 * CIFAR_SIDE * CIFAR_SIDE))
     jobs = []
     next_order = dict.fromkeys(CIFAR_SPLITS, 0)
@@ -729,7 +735,7 @@ def preprocess_cifar10(
                 "split": split,
                 "file": src_loc.join(f).uri,
                 "name": f,
-                "out": out_loc.uri,
+                "out": write_loc.uri,
                 "classes": classes,
                 "remap": remap,
                 "first_index": next_index[split],
@@ -757,6 +763,7 @@ def preprocess_cifar10(
     )
     return finish(
         out_loc,
+        staged=write_loc,
         dataset="cifar10",
         source=src_loc.uri,
         classes=classes,

@@ -18,10 +18,12 @@ import io
 import json
 import posixpath
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ._fs import TMP_MARK, DataError, Location, locate, sha256_bytes
@@ -198,3 +200,53 @@ def _is_split_dir(out: Location, name: str) -> bool:
     if not loc.is_dir():
         return False
     return all(n.startswith(("shard-", TMP_MARK)) for n in loc.list())
+
+
+def stage_output(
+    out: str | Location, *, overwrite: bool = False, owned: tuple[str, ...] = ()
+) -> tuple[Location, Location]:
+    """(final, write_here) for a run that must not lose a finished output if it fails.
+
+    Without a finished output at `out`, both are `out` (after `prepare_output`
+    cleaned any leftovers). With one and `overwrite`, the new files go to a
+    staging directory inside `out` whose name marks it temporary; the old
+    output stays complete until `commit_output` swaps the new one in, so a
+    run that fails half way (bad input found late, a crash) loses nothing.
+    """
+    out = locate(out)
+    finished = out.join(MANIFEST).is_file()
+    if not (overwrite and finished):
+        final, _ = prepare_output(out, overwrite=overwrite, owned=owned)
+        return final, final
+    for name in out.list():  # an earlier failed staging
+        if name.startswith(TMP_MARK):
+            out.join(name).remove()
+    staging = out.join(f"{TMP_MARK}stage-{uuid.uuid4().hex}")
+    staging.mkdir()
+    return out, staging
+
+
+def commit_output(final: Location, staged: Location, owned: tuple[str, ...] = ()) -> None:
+    """Replace the old output at `final` with the files written under `staged`.
+
+    The old manifest goes first, so that from then on nothing looks
+    complete until the caller writes the new manifest.
+    """
+    if staged.path == final.path:
+        return
+    if final.join(MANIFEST).is_file():
+        final.join(MANIFEST).remove()
+    for name in final.list():
+        if name == posixpath.basename(staged.path):
+            continue
+        if name in owned or _is_split_dir(final, name) or name.startswith(TMP_MARK):
+            final.join(name).remove()
+    infos = staged.fs.get_file_info(pafs.FileSelector(staged.path, recursive=True))
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = posixpath.relpath(info.path, staged.path)
+        dest = final.join(*rel.split("/"))
+        staged.fs.create_dir(posixpath.dirname(dest.path), recursive=True)
+        staged.fs.move(info.path, dest.path)
+    staged.remove()
