@@ -299,6 +299,21 @@ def reuse_existing(out: str, dataset: str, overwrite: bool, progress: bool) -> M
     return existing
 
 
+def open_source(
+    src: str | None, out: str, dataset: str, what: str, overwrite: bool, progress: bool
+) -> tuple[Manifest | None, Location | None]:
+    """(finished output to reuse, None) or (None, the source directory, checked to exist)."""
+    existing = reuse_existing(out, dataset, overwrite, progress)
+    if existing is not None:
+        return existing, None
+    if not src:
+        raise DataError(f"{dataset}: --src is required ({what})")
+    src_loc = locate(src)
+    if not src_loc.is_dir():
+        raise DataError(f"{src_loc}: not a directory")
+    return None, src_loc
+
+
 def assemble_splits(
     reports: Iterable[ShardReport], splits: Sequence[str], classes: list[str]
 ) -> tuple[dict[str, Split], PixelStats]:
@@ -462,14 +477,11 @@ def preprocess_imagenet(
     The image bytes are stored as they were (no re-encoding).
     """
     splits = _as_splits(splits)
-    existing = reuse_existing(out, "imagenet", overwrite, progress)
+    existing, src_loc = open_source(
+        src, out, "imagenet", "the folder holding train/ and val/", overwrite, progress
+    )
     if existing is not None:
         return existing
-    if not src:
-        raise DataError("imagenet: --src is required (the folder holding train/ and val/)")
-    src_loc = locate(src)
-    if not src_loc.is_dir():
-        raise DataError(f"{src_loc}: not a directory")
     # Everything about the source is checked before the output is touched, so
     # a wrong --src cannot cost a finished output (--overwrite included).
     listing = {}
@@ -681,14 +693,11 @@ def preprocess_cifar10(
     image); shards never straddle two batch files. `strict` changes nothing:
     arrays cannot fail to decode, and a malformed batch file is always an error.
     """
-    existing = reuse_existing(out, "cifar10", overwrite, progress)
+    existing, src_loc = open_source(
+        src, out, "cifar10", "the cifar-10-batches-py folder", overwrite, progress
+    )
     if existing is not None:
         return existing
-    if not src:
-        raise DataError("cifar10: --src is required (the cifar-10-batches-py folder)")
-    src_loc = locate(src)
-    if not src_loc.is_dir():
-        raise DataError(f"{src_loc}: not a directory")
     wanted = [CIFAR_META] + [f for files in CIFAR_SPLITS.values() for f in files]
     missing = [f for f in wanted if not src_loc.join(f).is_file()]
     if missing:

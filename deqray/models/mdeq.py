@@ -327,10 +327,7 @@ class MDEQBase(nn.Module):
         z, info = self.features(
             images, pretrain=pretrain, f_thres=f_thres, jac_loss=jac_loss, sradius=sradius
         )
-        return self.predict(z, images), info
-
-    def predict(self, z: list[Tensor], images: Tensor) -> Tensor:
-        raise NotImplementedError  # the head: classification or segmentation
+        return self.head(z, images.shape[-2:]), info
 
     def features(
         self,
@@ -408,7 +405,8 @@ class ClassificationHead(nn.Module):
         )
         self.classifier = nn.Linear(cfg.final_channels, cfg.num_classes)
 
-    def forward(self, z: list[Tensor]) -> Tensor:
+    def forward(self, z: list[Tensor], size: torch.Size | None = None) -> Tensor:
+        # `size` (the input's) is for the segmentation head; a class score ignores it
         y = self.widen[0](z[0])
         for i, down in enumerate(self.down):
             y = self.widen[i + 1](z[i + 1]) + down(y)
@@ -447,9 +445,6 @@ class MDEQClassifier(MDEQBase):
         super().__init__(cfg)
         self.head = ClassificationHead(cfg)
 
-    def predict(self, z: list[Tensor], images: Tensor) -> Tensor:
-        return self.head(z)
-
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits.float(), labels)
 
@@ -460,9 +455,6 @@ class MDEQSegmenter(MDEQBase):
     def __init__(self, cfg: MDEQConfig):
         super().__init__(cfg)
         self.head = SegmentationHead(cfg)
-
-    def predict(self, z: list[Tensor], images: Tensor) -> Tensor:
-        return self.head(z, images.shape[-2:])
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Per-pixel cross-entropy over the pixels not labelled `ignore_index`."""
