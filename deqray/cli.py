@@ -72,6 +72,33 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from deqray.config import ConfigError
+    from deqray.train.driver import fit, resolve
+
+    try:
+        # validate before Ray starts: a typo costs no cluster start-up
+        cfg = resolve(
+            args.config,
+            args.overrides,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            storage=args.storage,
+            name=args.name,
+        )
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        result = fit(cfg, verbose=not args.quiet)
+    except ConfigError as e:
+        print(f"deqray train: {e}", file=sys.stderr)
+        return 2
+    end = result.return_value or {}
+    return 3 if end.get("status") == "diverged" else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deqray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,11 +124,48 @@ def build_parser() -> argparse.ArgumentParser:
         " an unknown key lists the valid ones",
     )
     pre.set_defaults(func=_preprocess)
+    tr = sub.add_parser(
+        "train",
+        help="train a DEQ with Ray Train from an experiment config",
+        description="Exit status: 0 finished (or stopped at train.stop_at_step), 2 bad config, "
+        "3 diverged.",
+    )
+    tr.add_argument("config", help="a YAML file, or a shipped config: " + _shipped())
+    tr.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. deq.f_thres=24"
+    )
+    tr.add_argument("--workers", type=int, default=None, help="Ray Train workers")
+    tr.add_argument("--gpus-per-worker", type=float, default=None)
+    tr.add_argument("--storage", default=None, help="runs directory: local path or s3:// URI")
+    tr.add_argument(
+        "--name", default=None, help="run name; an existing run of that name is resumed"
+    )
+    tr.add_argument("--quiet", action="store_true", help="no progress lines or summary")
+    tr.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    tr.set_defaults(func=_train)
     return parser
 
 
+def _shipped() -> str:
+    from deqray.config import shipped_configs
+
+    return ", ".join(shipped_configs())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options too (`train cfg --workers 2 optim.lr=0.01`):
+    # argparse leaves those to parse_known_args.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) == "train" and all(
+            "=" in x and not x.startswith("-") for x in extra
+        ):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

@@ -266,6 +266,7 @@ class LMDataConfig(_DataConfig):
     splits: the splits to serve (default: the keys of a batch_size dict, else all).
     datasets_to_split: splits cut among the workers ("all", or a list); a
       split not listed reaches every worker whole (laid out as for one worker).
+    progress_bars: Ray Data's progress bars for the workers' reads (off).
     Datasets whose names are not splits of `root` are handled as by
     `ray.train.DataConfig`.
     """
@@ -281,8 +282,10 @@ class LMDataConfig(_DataConfig):
         read_cpus: float = DEFAULT_READ_CPUS,
         execution_options=None,
         verify: str = "size",
+        progress_bars: bool = False,
     ):
         super().__init__(datasets_to_split=datasets_to_split, execution_options=execution_options)
+        self.progress_bars = progress_bars
         manifest = load_manifest(root, verify=verify)
         if splits is not None:
             names = list(splits)
@@ -348,6 +351,8 @@ class LMDataConfig(_DataConfig):
                 if user is not None:
                     part.context.execution_options = copy.deepcopy(user)
                 part.context.execution_options.preserve_order = True
+                # one bar per piece read and epoch would drown a training log
+                part.context.enable_progress_bars = self.progress_bars
                 part.set_name(f"{name}-rank{rank}")
                 output[rank][name] = part.iterator()
         if others:

@@ -1,0 +1,305 @@
+"""deqray.train end to end: Ray Train with two CPU workers (gloo) on the embedded data sets.
+
+Each test is one or two short TorchTrainer runs on the session's Ray
+instance. Runs read their reports back from `<run>/metrics.jsonl` and
+TensorBoard's files with TensorBoard's own EventAccumulator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from deqray.train.driver import fit, read_metrics, read_status
+
+pytestmark = pytest.mark.usefixtures("ray_clean")
+
+# A small corpus and model; losses must fall within a few dozen steps.
+LM = [
+    "model.preset=deq-transformer-tiny",
+    "data.source=markov",
+    "data.options={tokens: 20000}",
+    "data.tgt_len=16",
+    "optim.batch_size=8",
+    "optim.lr=0.003",
+    "optim.warmup_steps=0",
+    "optim.schedule=constant",
+    "train.eval_batches=4",
+    "train.log_every=1000",
+    "checkpoint.keep=null",
+]
+VISION = [
+    "model.preset=mdeq-cifar-tiny",
+    "model.dropout=0.0",
+    "model.num_groups=4",
+    "data.source=digits",
+    "data.image_size=8",
+    "data.augment=false",
+    "optim.batch_size=16",
+    "optim.lr=0.003",
+    "optim.schedule=constant",
+    "train.log_every=1000",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def run(base, *overrides, cache, storage, workers=2, name=None):
+    result = fit(
+        {"optim": {"steps": 1}},
+        [*base, f"data.cache={cache}", *overrides],
+        workers=workers,
+        storage=str(storage),
+        name=name,
+        verbose=False,
+    )
+    return result, read_metrics(result.path)
+
+
+def scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    out["_histograms"] = acc.Tags()["histograms"]
+    return out
+
+
+SOLVER_KEYS = [
+    "fwd_nstep",
+    "fwd_rel_residual",
+    "fwd_rel_residual_max",
+    "fwd_converged",
+    "bwd_nstep",
+    "bwd_rel_residual",
+    "bwd_rel_residual_max",
+]
+COMMON_KEYS = ["train_loss", "val_loss", "lr", "step_time", "items_per_s", "status", "step"]
+
+
+def test_language_model_two_workers(cache, tmp_path):
+    result, rows = run(
+        LM,
+        "optim.steps=24",
+        "train.pretrain_steps=6",
+        "train.eval_every=6",
+        "train.eval_sradius=true",
+        "reg.jac_loss_weight=0.5",
+        "reg.jac_loss_freq=1.0",
+        cache=cache,
+        storage=tmp_path,
+    )
+    assert result.error is None
+    assert result.return_value["status"] == "finished"
+    assert [r["step"] for r in rows] == [6, 12, 18, 24]
+    last = rows[-1]
+    for key in [*COMMON_KEYS, *SOLVER_KEYS, "val_ppl", "jac_loss", "val_sradius", "val_tokens"]:
+        assert key in last, key
+    # every token of the 4 evaluation batches of both workers, counted once
+    assert last["val_tokens"] == 4 * 8 * 16
+    assert math.isclose(last["val_ppl"], math.exp(last["val_loss"]), rel_tol=1e-6)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.1
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.1
+    assert 0 < last["val_sradius"] < 10
+    assert last["fwd_converged"] > 0.9 and last["bwd_nstep"] > 0
+    # the Ray result carries the last checkpointed report and a restorable checkpoint
+    assert result.metrics["step"] == 24
+    assert os.path.exists(os.path.join(result.checkpoint.path, "state.pt"))
+
+    tb = scalars(result.path)
+    for tag in [
+        "train/loss",
+        "val/ppl",
+        "solver/fwd_nstep",
+        "optim/lr",
+        "perf/items_per_s",
+    ]:
+        assert [s for s, _ in tb[tag]] == [6, 12, 18, 24], tag
+    # no backward solver and no Jacobian loss (pretrain weight 0) in steps 0-5
+    assert [s for s, _ in tb["solver/bwd_rel_residual_max"]] == [12, 18, 24]
+    assert [s for s, _ in tb["jacobian/jac_loss"]] == [12, 18, 24]
+    assert math.isclose(tb["val/ppl"][-1][1], last["val_ppl"], rel_tol=1e-5)
+    assert any(t.startswith("solver/fwd_rel_residual") for t in tb["_histograms"])
+
+
+def test_mdeq_two_workers_through_the_cli(cache, tmp_path, capsys):
+    from deqray.cli import main
+
+    code = main(
+        [
+            "train",
+            "digits-tiny",
+            *VISION,
+            f"data.cache={cache}",
+            "optim.steps=48",
+            "train.pretrain_steps=16",
+            "train.eval_every=16",
+            "--workers",
+            "2",
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "mdeq",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "finished at step 48" in out and "val accuracy" in out
+    rows = read_metrics(str(tmp_path / "mdeq"))
+    assert [r["step"] for r in rows] == [16, 32, 48]
+    last = rows[-1]
+    for key in [*COMMON_KEYS, *SOLVER_KEYS, "val_acc", "val_top5", "val_images"]:
+        assert key in last, key
+    # the test split, divided among the workers (an equal split drops at most one image)
+    from deqray.data import load_manifest
+    from deqray.train.driver import embedded_root, resolve
+
+    cfg = resolve({"optim": {"steps": 1}}, [*VISION, f"data.cache={cache}"])
+    n = load_manifest(embedded_root(cfg)).splits["test"].rows
+    assert n - 1 <= last["val_images"] <= n
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.2
+    assert last["val_acc"] > 0.5  # ten classes: chance is 0.1
+    tb = scalars(str(tmp_path / "mdeq"))
+    assert [s for s, _ in tb["val/acc"]] == [16, 32, 48]
+
+
+def _trajectory(rows):
+    return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows]
+
+
+def _same(a, b):
+    assert [s for s, *_ in a] == [s for s, *_ in b]
+    for (s, tl_a, vl_a), (_, tl_b, vl_b) in zip(a, b, strict=True):
+        assert math.isclose(tl_a, tl_b, rel_tol=1e-5, abs_tol=1e-6), (s, tl_a, tl_b)
+        assert math.isclose(vl_a, vl_b, rel_tol=1e-5, abs_tol=1e-6), (s, vl_a, vl_b)
+
+
+def test_worker_failure_and_driver_restart_continue_the_same_trajectory(cache, tmp_path):
+    # Dropout and f_thres jitter on, Jacobian loss on a random half of the
+    # steps, and memory across segments: everything a resume must restore.
+    common = [
+        "optim.steps=16",
+        "train.pretrain_steps=4",
+        "train.eval_every=4",
+        "model.dropout=0.1",
+        "deq.f_thres_jitter=3",
+        "reg.jac_loss_weight=0.3",
+        "reg.jac_loss_freq=0.5",
+    ]
+    whole, rows = run(LM, *common, cache=cache, storage=tmp_path / "a")
+    assert whole.return_value["status"] == "finished"
+
+    # a worker (rank 1) dies at step 10: restored from the step-8 checkpoint
+    failed, rows_f = run(
+        LM,
+        *common,
+        "debug.fail_at_step=10",
+        "debug.fail_rank=1",
+        "checkpoint.max_failures=1",
+        cache=cache,
+        storage=tmp_path / "a",
+    )
+    assert failed.return_value["status"] == "finished"
+    # two runs without a name in one storage: two new runs, nothing resumed
+    assert failed.path != whole.path
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(
+        os.path.basename(r.path) for r in (whole, failed)
+    )
+    faults = os.listdir(os.path.join(failed.path, "_faults"))
+    assert faults == ["step-10"]
+    _same(_trajectory(rows), _trajectory(rows_f))
+
+    # the driver stops at step 8; the same name resumes to the end
+    first, _ = run(
+        LM, *common, "train.stop_at_step=8", cache=cache, storage=tmp_path / "c", name="again"
+    )
+    assert first.return_value["status"] == "stopped"
+    assert first.metrics["step"] == 8
+    second, rows_c = run(LM, *common, cache=cache, storage=tmp_path / "c", name="again")
+    assert second.return_value["status"] == "finished"
+    _same(_trajectory(rows), _trajectory(rows_c))
+
+
+def test_mdeq_resume_is_exact_with_deterministic_data(cache, tmp_path):
+    common = [
+        "optim.steps=12",
+        "train.pretrain_steps=3",
+        "train.eval_every=6",
+        "data.deterministic=true",
+        "model.dropout=0.2",
+    ]
+    whole, rows = run(VISION, *common, cache=cache, storage=tmp_path / "a", workers=1)
+    failed, rows_f = run(
+        VISION,
+        *common,
+        "debug.fail_at_step=7",
+        "checkpoint.max_failures=1",
+        cache=cache,
+        storage=tmp_path / "b",
+        workers=1,
+    )
+    assert failed.return_value["status"] == "finished"
+    assert os.listdir(os.path.join(failed.path, "_faults")) == ["step-7"]
+    _same(_trajectory(rows), _trajectory(rows_f))
+
+
+def test_divergence_is_reported_and_keeps_the_last_good_checkpoint(cache, tmp_path):
+    # A learning rate of 30 with SGD blows the model up within a few steps.
+    result, rows = run(
+        LM,
+        "optim.steps=40",
+        "optim.name=sgd",
+        "optim.lr=30.0",
+        "optim.momentum=0.9",
+        "train.pretrain_steps=0",
+        "train.eval_every=2",
+        "train.diverge_patience=1",
+        cache=cache,
+        storage=tmp_path,
+        workers=2,
+    )
+    end = result.return_value
+    assert end["status"] == "diverged", rows
+    assert end["reason"]
+    assert read_status(result.path)["status"] == "diverged"
+    assert rows[-1]["status"] == "diverged" and rows[-1]["reason"] == end["reason"]
+    assert end["step"] < 40
+    # the run's latest checkpoint is the last good one: before the divergence
+    good = [r for r in rows if r["status"] == "running"]
+    if good:
+        assert result.metrics["step"] == good[-1]["step"]
+        assert result.checkpoint is not None
+    else:
+        assert result.checkpoint is None
+    blob = json.loads(open(os.path.join(result.path, "status.json")).read())
+    assert blob["step"] == end["step"]
+
+
+def test_a_solver_that_stops_converging_ends_the_run(cache, tmp_path):
+    # One forward step cannot get the residual under 1e-9: three evaluations
+    # in a row over the limit end the run as diverged.
+    result, rows = run(
+        LM,
+        "optim.steps=20",
+        "train.pretrain_steps=2",
+        "train.eval_every=2",
+        "deq.f_thres=1",
+        "train.max_residual=1e-9",
+        "train.diverge_patience=3",
+        cache=cache,
+        storage=tmp_path,
+        workers=1,
+    )
+    end = result.return_value
+    assert end["status"] == "diverged"
+    assert "stopped converging" in end["reason"] and "3 evaluations" in end["reason"]
+    # steps 4, 6, 8 are the DEQ-mode evaluations over the limit
+    assert end["step"] == 8
+    assert result.metrics["step"] == 6  # the last checkpoint: before the divergence

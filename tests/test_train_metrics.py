@@ -1,0 +1,510 @@
+"""Training / evaluation metrics and the TensorBoard writer, against independent oracles.
+
+The two-rank test runs real torch.distributed (gloo, FileStore rendezvous in a
+tmp dir: no ports) in two spawned processes; no Ray. The spawned processes
+import this module, so sklearn and tensorboard are imported inside the tests
+that use them (sklearn alone costs each process over a second).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from deqray.train.metrics import (
+    EvalStats,
+    TensorBoardWriter,
+    TrainStats,
+    confusion_matrix,
+    miou,
+    tag_for,
+)
+
+
+def same(a: dict, b: dict, rel=1e-9) -> bool:
+    """Dict equality with float tolerance where NaN equals NaN."""
+    if sorted(a) != sorted(b):
+        return False
+    for k in a:
+        x, y = float(a[k]), float(b[k])
+        if math.isnan(x) or math.isnan(y):
+            if not (math.isnan(x) and math.isnan(y)):
+                return False
+        elif x != pytest.approx(y, rel=rel):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- TrainStats
+
+
+def test_train_stats_hand_computed():
+    st = TrainStats()
+    st.add(
+        loss=2.0,
+        items=100,
+        seconds=0.5,
+        info_metrics={"fwd_nstep": 10.0, "fwd_rel_residual_max": 1e-3, "fwd_converged": 1.0},
+    )
+    st.add(
+        loss=4.0,
+        items=100,
+        seconds=1.5,
+        info_metrics={
+            "fwd_nstep": 20.0,
+            "fwd_rel_residual_max": 5e-3,
+            "fwd_converged": 0.5,
+            "bwd_nstep": 8.0,
+            "jac_loss": 0.3,
+        },
+    )
+    st.add(
+        loss=3.0,
+        items=50,
+        seconds=1.0,
+        info_metrics={
+            "fwd_nstep": 30.0,
+            "fwd_rel_residual_max": 2e-3,
+            "fwd_converged": 0.0,
+            "bwd_nstep": 12.0,
+        },
+        jac_loss=0.5,
+    )
+    expected = {
+        "train_loss": 3.0,
+        "fwd_nstep": 20.0,
+        "fwd_rel_residual_max": 5e-3,
+        "fwd_converged": 0.5,
+        "bwd_nstep": 10.0,  # only the two steps that had a backward solve
+        "jac_loss": 0.4,  # only the two steps that computed it
+        "step_time": 1.0,
+        "items_per_s": 250 / 3.0,
+        "steps": 3.0,
+    }
+    assert same(st.reduce(), expected)
+    st.reset()
+    assert st.reduce() == {"steps": 0.0}
+
+
+def test_train_stats_explicit_jac_loss_wins_and_nan_survives():
+    st = TrainStats()
+    st.add(
+        loss=1.0,
+        items=1,
+        seconds=1.0,
+        info_metrics={"jac_loss": 9.0, "x_max": float("nan")},
+        jac_loss=1.0,
+    )
+    st.add(loss=float("nan"), items=1, seconds=1.0, info_metrics={"x_max": 5.0})
+    out = st.reduce()
+    assert out["jac_loss"] == 1.0
+    assert math.isnan(out["x_max"]) and math.isnan(out["train_loss"])
+    with pytest.raises(TypeError, match="metric 'fwd_nstep' must be a number, got 'abc'"):
+        st.add(loss=1.0, items=1, seconds=1.0, info_metrics={"fwd_nstep": "abc"})
+
+
+def test_train_stats_histograms_keep_most_recent():
+    st = TrainStats(hist_keep=5)
+    st.add(
+        loss=0,
+        items=1,
+        seconds=1,
+        info_metrics={},
+        residuals={"fwd_nstep": torch.tensor([1, 2, 3])},
+    )
+    st.add(
+        loss=0,
+        items=1,
+        seconds=1,
+        info_metrics={},
+        residuals={
+            "fwd_nstep": torch.tensor([4, 5, 6, 7]),
+            "bwd_rel_residual": torch.tensor([0.5], dtype=torch.float64),
+        },
+    )
+    mine = torch.tensor([0.25, 0.5])  # float32 on CPU already: must still be copied
+    st.add(loss=0, items=1, seconds=1, info_metrics={}, residuals={"fwd_rel_residual": mine})
+    mine[0] = 99.0
+    h = st.histograms()
+    assert h["fwd_nstep"].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert h["fwd_rel_residual"].tolist() == [0.25, 0.5]
+    assert h["fwd_nstep"].dtype == torch.float32 and h["bwd_rel_residual"].dtype == torch.float32
+    st.reset()
+    assert st.histograms() == {}
+
+
+# ------------------------------------------------------------- two real ranks
+
+C_SEG = 4
+
+
+def _rank_data(rank: int) -> dict:
+    """Each rank's raw inputs; the test regenerates them for the oracle."""
+    g = torch.Generator().manual_seed(100 + rank)
+    steps = []
+    for i in range(3 if rank == 0 else 2):
+        info = {
+            "fwd_nstep": float(torch.randint(5, 30, (1,), generator=g)),
+            "fwd_rel_residual_max": float(torch.rand(1, generator=g)),
+            "fwd_converged": float(torch.rand(1, generator=g)),
+        }
+        if rank == 0:  # rank 1 only pretrains: no backward solver, no Jacobian loss
+            info["bwd_nstep"] = float(i + 7)
+            info["bwd_rel_residual_max"] = 0.1 * (i + 1)
+        # a NaN worst value on one rank must reach every rank as NaN
+        info["sradius_max"] = math.nan if (rank, i) == (1, 1) else 0.5 + 0.1 * i
+        steps.append(
+            dict(
+                loss=float(torch.rand(1, generator=g)) + 1,
+                items=64 + 8 * rank + i,
+                seconds=0.1 * (i + 1) + rank,
+                info_metrics=info,
+                jac_loss=0.25 * i if rank == 0 and i else None,
+            )
+        )
+    seg_logits = torch.randn(2, C_SEG, 5, 6, generator=g)
+    seg_labels = torch.randint(0, C_SEG, (2, 5, 6), generator=g)
+    seg_labels[0, 0, :3] = 255
+    cls_logits = torch.randn(7, 6, generator=g)
+    cls_labels = torch.randint(0, 6, (7,), generator=g)
+    return dict(
+        steps=steps,
+        seg_logits=seg_logits,
+        seg_labels=seg_labels,
+        cls_logits=cls_logits,
+        cls_labels=cls_labels,
+        nll=float(3 + rank),
+        tokens=10 * (rank + 1),
+    )
+
+
+def _rank_results(rank: int, data: dict) -> dict:
+    st = TrainStats()
+    for s in data["steps"]:
+        st.add(**s)
+    seg = EvalStats("segmentation", num_classes=C_SEG)
+    seg.add_segmentation(
+        data["seg_logits"],
+        data["seg_labels"],
+        loss_sum=2.0 + rank,
+        pixels=int((data["seg_labels"] != 255).sum()),
+    )
+    seg_one = EvalStats("segmentation")  # rank 1 has no batch and never learns C
+    if rank == 0:
+        seg_one.add_segmentation(data["seg_logits"], data["seg_labels"], 1.0, 10)
+    cls = EvalStats("classification")
+    cls.add_classification(data["cls_logits"], data["cls_labels"], loss_sum=1.5)
+    cls.add_solver({"fwd_nstep": 10.0 * (rank + 1), "fwd_rel_residual_max": 0.1 + rank})
+    if rank == 0:  # solver means weigh each batch, not each rank: (10 + 40 + 20) / 3
+        cls.add_solver({"fwd_nstep": 40.0, "fwd_rel_residual_max": 0.2})
+    lm = EvalStats("lm")
+    lm.add_lm(data["nll"], data["tokens"])
+    return dict(
+        train=st.reduce(),
+        seg=seg.reduce(),
+        seg_one=seg_one.reduce(),
+        cls=cls.reduce(),
+        lm=lm.reduce(),
+    )
+
+
+def _worker(rank: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+    try:
+        out = _rank_results(rank, _rank_data(rank))
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(tmp, f"out{rank}.pkl"), "wb") as fh:
+        pickle.dump(out, fh)
+
+
+def nanmax(values: list[float]) -> float:
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
+def _train_oracle(per_rank_steps: list[list[dict]]) -> dict:
+    """Per rank: mean over its steps having a key, max of `_max` keys; then ranks averaged."""
+    rank_vals = []
+    for steps in per_rank_steps:
+        vals: dict[str, list[float]] = {
+            "train_loss": [s["loss"] for s in steps],
+            "step_time": [s["seconds"] for s in steps],
+        }
+        for s in steps:
+            m = dict(s["info_metrics"])
+            if s["jac_loss"] is not None:
+                m["jac_loss"] = s["jac_loss"]
+            for k, v in m.items():
+                vals.setdefault(k, []).append(v)
+        rank_vals.append(
+            {k: nanmax(v) if k.endswith("_max") else sum(v) / len(v) for k, v in vals.items()}
+        )
+    out = {}
+    for k in {k for r in rank_vals for k in r}:
+        have = [r[k] for r in rank_vals if k in r]
+        out[k] = nanmax(have) if k.endswith("_max") else sum(have) / len(have)
+    items = sum(s["items"] for steps in per_rank_steps for s in steps)
+    mean_secs = np.mean([sum(s["seconds"] for s in steps) for steps in per_rank_steps])
+    out["items_per_s"] = items / mean_secs
+    out["steps"] = float(max(len(s) for s in per_rank_steps))
+    return out
+
+
+def test_two_ranks_gloo_agree_with_oracle(tmp_path):
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+    torch.multiprocessing.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    outs = [pickle.loads((tmp_path / f"out{r}.pkl").read_bytes()) for r in range(2)]
+    data = [_rank_data(r) for r in range(2)]
+    for name in outs[0]:
+        assert same(outs[0][name], outs[1][name]), name
+
+    train = outs[0]["train"]
+    assert "bwd_nstep" in train and "jac_loss" in train  # from rank 0 alone
+    assert math.isnan(train["sradius_max"])
+    assert same(train, _train_oracle([d["steps"] for d in data]))
+
+    # segmentation: the summed confusion matrix against sklearn on both ranks' pixels
+    pred = torch.cat([d["seg_logits"].argmax(1) for d in data]).flatten().numpy()
+    target = torch.cat([d["seg_labels"] for d in data]).flatten().numpy()
+    keep = target != 255
+    conf = sk_confusion_matrix(target[keep], pred[keep], labels=list(range(C_SEG)))
+    pixels = int(keep.sum())
+    assert same(
+        outs[0]["seg"],
+        {
+            "val_loss": 5.0 / pixels,
+            "val_pixels": pixels,
+            "val_miou": _iou_oracle(pred, target),
+            "val_pixel_acc": np.trace(conf) / conf.sum(),
+        },
+    )
+    p0, t0 = data[0]["seg_logits"].argmax(1).flatten().numpy(), data[0]["seg_labels"].flatten()
+    assert outs[0]["seg_one"]["val_miou"] == pytest.approx(_iou_oracle(p0, t0.numpy()))
+
+    logits = torch.cat([d["cls_logits"] for d in data]).numpy()
+    labels = torch.cat([d["cls_labels"] for d in data]).numpy()
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    assert same(
+        outs[0]["cls"],
+        {
+            "val_loss": 3.0 / 14,
+            "val_images": 14.0,
+            "val_acc": np.mean(logits.argmax(1) == labels),
+            "val_top5": np.mean([lab in row for lab, row in zip(labels, top5, strict=True)]),
+            "val_fwd_nstep": 70.0 / 3,
+            "val_fwd_rel_residual_max": 1.1,
+        },
+    )
+    assert same(
+        outs[0]["lm"], {"val_loss": 7.0 / 30, "val_ppl": math.exp(7.0 / 30), "val_tokens": 30.0}
+    )
+
+
+# ------------------------------------------------------------------ EvalStats
+
+
+def _iou_oracle(pred: np.ndarray, target: np.ndarray, ignore: int = 255) -> float:
+    """Mean IoU from pixel index sets, over classes in the prediction or the target."""
+    idx = [i for i in range(len(target)) if target[i] != ignore]
+    ious = []
+    for c in sorted({int(pred[i]) for i in idx} | {int(target[i]) for i in idx}):
+        p = {i for i in idx if pred[i] == c}
+        t = {i for i in idx if target[i] == c}
+        ious.append(len(p & t) / len(p | t))
+    return float(np.mean(ious))
+
+
+def test_lm_perplexity_and_overflow():
+    ev = EvalStats("lm")
+    ev.add_lm(nll_sum=30.0, tokens=10)
+    ev.add_lm(nll_sum=12.0, tokens=20)
+    assert same(ev.reduce(), {"val_loss": 1.4, "val_ppl": math.exp(1.4), "val_tokens": 30})
+    ev.reset()
+    ev.add_lm(nll_sum=800.0, tokens=1)
+    assert ev.reduce()["val_ppl"] == math.inf
+
+
+def test_classification_against_numpy():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(37, 10, generator=g), torch.randint(0, 10, (37,), generator=g)
+    ev = EvalStats("classification", num_classes=10)
+    for chunk in (slice(0, 16), slice(16, 37)):
+        ev.add_classification(logits[chunk], labels[chunk], loss_sum=float(chunk.stop))
+    ev.add_solver({"fwd_nstep": 10.0, "fwd_rel_residual_max": 0.5, "sradius": 0.9})
+    ev.add_solver({"fwd_nstep": 20.0, "fwd_rel_residual_max": 0.2})
+    lg, lb = logits.numpy(), labels.numpy()
+    top5 = np.argsort(-lg, axis=1)[:, :5]
+    out = ev.reduce()
+    expected = {
+        "val_loss": 53 / 37,
+        "val_images": 37,
+        "val_acc": np.mean(lg.argmax(1) == lb),
+        "val_top5": np.mean([lb[i] in top5[i] for i in range(37)]),
+        "val_fwd_nstep": 15.0,
+        "val_fwd_rel_residual_max": 0.5,
+        "val_sradius": 0.9,
+    }
+    assert same(out, expected)
+    assert 0 < out["val_acc"] < out["val_top5"] < 1  # the oracle is not trivially 0 or 1
+
+    small = EvalStats("classification")
+    small.add_classification(torch.eye(3), torch.tensor([0, 1, 0]), loss_sum=0.0)
+    assert same(small.reduce(), {"val_loss": 0.0, "val_images": 3, "val_acc": 2 / 3})
+    with pytest.raises(ValueError, match="logits have 4 classes, expected num_classes=3"):
+        small.add_classification(torch.zeros(2, 4), torch.tensor([0, 1]), 0.0)
+    with pytest.raises(ValueError, match="add_lm called on an EvalStats for task"):
+        small.add_lm(1.0, 1)
+    with pytest.raises(ValueError, match="task must be one of"):
+        EvalStats("detection")
+
+
+def test_segmentation_against_sklearn_and_sets():
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+    g = torch.Generator().manual_seed(1)
+    c = 5  # class 4 appears in neither the labels nor the predictions
+    logits = torch.randn(3, c, 8, 7, generator=g)
+    logits[:, 4] = -1e9
+    labels = torch.randint(0, 4, (3, 8, 7), generator=g)
+    labels[:, :2, :] = 255
+    logits[:, 1, :2, :] = 1e9  # ignored pixels predicted as 1: must not count
+    ev = EvalStats("segmentation", num_classes=c)
+    ev.add_segmentation(logits[:2], labels[:2], loss_sum=4.0, pixels=int((labels[:2] != 255).sum()))
+    ev.add_segmentation(logits[2:], labels[2:], loss_sum=2.0, pixels=int((labels[2:] != 255).sum()))
+    out = ev.reduce()
+
+    pred, target = logits.argmax(1).flatten().numpy(), labels.flatten().numpy()
+    keep = target != 255
+    oracle = sk_confusion_matrix(target[keep], pred[keep], labels=list(range(c)))
+    assert ev.confusion.tolist() == oracle.tolist()
+    assert confusion_matrix(logits.argmax(1), labels, c).tolist() == oracle.tolist()
+    assert same(
+        out,
+        {
+            "val_loss": 6.0 / keep.sum(),
+            "val_pixels": keep.sum(),
+            "val_pixel_acc": np.mean(pred[keep] == target[keep]),
+            "val_miou": _iou_oracle(pred, target),
+        },
+    )
+    per_class = np.diag(oracle) / (oracle.sum(0) + oracle.sum(1) - np.diag(oracle) + 1e-300)
+    assert out["val_miou"] != pytest.approx(per_class.mean())  # class 4 was really left out
+
+
+def test_miou_hand_computed_and_errors():
+    assert miou(torch.tensor([[2, 1], [0, 3]])) == pytest.approx((2 / 3 + 3 / 4) / 2)
+    assert miou(torch.tensor([[2, 0, 0], [0, 0, 0], [1, 0, 0]])) == pytest.approx((2 / 3 + 0) / 2)
+    assert math.isnan(miou(torch.zeros(3, 3)))
+    with pytest.raises(ValueError, match=r"target has class 7 outside \[0, 3\)"):
+        confusion_matrix(torch.tensor([0, 1]), torch.tensor([7, 255]), 3)
+
+
+# ---------------------------------------------------------------- TensorBoard
+
+
+@pytest.mark.parametrize(
+    "key, tag",
+    [
+        ("train_loss", "train/loss"),
+        ("val_loss", "val/loss"),
+        ("val_ppl", "val/ppl"),
+        ("val_miou", "val/miou"),
+        ("fwd_nstep", "solver/fwd_nstep"),
+        ("bwd_rel_residual_max", "solver/bwd_rel_residual_max"),
+        ("val_fwd_nstep", "solver/val_fwd_nstep"),
+        ("jac_loss", "jacobian/jac_loss"),
+        ("sradius", "jacobian/sradius"),
+        ("val_sradius_max", "jacobian/val_sradius_max"),
+        ("lr", "optim/lr"),
+        ("grad_norm", "optim/grad_norm"),
+        ("step_time", "perf/step_time"),
+        ("items_per_s", "perf/items_per_s"),
+        ("steps", "perf/steps"),
+        ("already/grouped", "already/grouped"),
+        ("epoch", "other/epoch"),
+    ],
+)
+def test_tag_for(key, tag):
+    assert tag_for(key) == tag
+
+
+def test_tag_for_prefix_map_first():
+    assert tag_for("eval2_loss", {"eval2_": "eval2"}) == "eval2/loss"
+    assert tag_for("train_loss", {"train": "t"}) == "t/_loss"
+
+
+def _read(logdir: str):
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(logdir, size_guidance={k: 0 for k in ea.DEFAULT_SIZE_GUIDANCE})
+    acc.Reload()
+    return acc
+
+
+def _write(w: TensorBoardWriter) -> None:
+    for step in range(3):
+        w.scalars(
+            {
+                "train_loss": 1.0 / (step + 1),
+                "fwd_nstep": 10.0 + step,
+                "lr": 1e-3,
+                "status": "running",
+                "val_ppl": float("nan") if step == 2 else 5.0,
+            },
+            step,
+        )
+    w.histograms({"fwd_rel_residual": torch.tensor([1e-3, 2e-3, float("inf"), 4e-3])}, step=2)
+    w.text("config", "f_thres: 24", step=0)
+
+
+def _check(logdir: str) -> None:
+    acc = _read(logdir)
+    assert sorted(acc.Tags()["scalars"]) == [
+        "optim/lr",
+        "solver/fwd_nstep",
+        "train/loss",
+        "val/ppl",
+    ]
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [0, 1, 2]
+    assert [e.value for e in loss] == pytest.approx([1.0, 0.5, 1 / 3])
+    assert math.isnan(acc.Scalars("val/ppl")[2].value)
+    (h,) = acc.Histograms("solver/fwd_rel_residual")
+    assert (h.step, h.histogram_value.num) == (2, 3)  # inf dropped
+    assert h.histogram_value.max == pytest.approx(4e-3)
+    assert h.histogram_value.sum == pytest.approx(7e-3)
+    (t,) = acc.Tensors("config/text_summary")
+    assert t.tensor_proto.string_val[0].decode() == "f_thres: 24"
+
+
+def test_tensorboard_local_dir(tmp_path):
+    with TensorBoardWriter(tmp_path / "run") as w:
+        _write(w)
+        w.flush()
+        assert w.logdir == str(tmp_path / "run" / "tensorboard")
+        _check(w.logdir)
+    w.close()  # a second close is harmless
+
+
+def test_tensorboard_uri_uploads_on_flush_and_close(tmp_path):
+    dest = tmp_path / "bucket" / "run" / "tb"
+    w = TensorBoardWriter(f"file://{tmp_path}/bucket/run", subdir="tb")
+    assert w.local_dir != str(dest)  # really the upload branch
+    _write(w)
+    assert not dest.exists()
+    w.flush()
+    _check(str(dest))
+    w.scalars({"train_loss": 0.1}, step=3)
+    w.close()
+    w.close()
+    assert not os.path.exists(w.local_dir)
+    assert [e.step for e in _read(str(dest)).Scalars("train/loss")] == [0, 1, 2, 3]
+    assert not [p for p in dest.iterdir() if p.name.startswith(".tmp-")]
