@@ -99,6 +99,41 @@ def _train(args: argparse.Namespace) -> int:
     return 3 if end.get("status") == "diverged" else 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from deqray.config import ConfigError
+    from deqray.tune.study import load_study
+
+    try:
+        study = load_study(args.study, args.overrides)  # fails before Ray starts
+        if args.print_study:
+            for line in study.space_summary():
+                print(line)
+            return 0
+        from deqray.tune.runner import run_study
+
+        result = run_study(
+            study, storage=args.storage, name=args.name, resume=args.resume, verbose=True
+        )
+    except ConfigError as e:
+        print(f"deqray tune: {e}", file=sys.stderr)
+        return 2
+    return 0 if result.front else 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from deqray.config import ConfigError
+    from deqray.tune.runner import load_results
+
+    try:
+        result = load_results(args.experiment)
+    except ConfigError as e:
+        print(f"deqray compare: {e}", file=sys.stderr)
+        return 2
+    print(result.table())
+    print(f"tensorboard --logdir {result.experiment}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deqray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
     tr.set_defaults(func=_train)
+    tu = sub.add_parser(
+        "tune",
+        help="run a Ray Tune + Optuna study from a search space file",
+        description="Exit status: 0 with a best trial or front, 1 when no trial finished, "
+        "2 bad study file.",
+    )
+    tu.add_argument("study", help="a study YAML file, or a name in search_spaces/")
+    tu.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. trials=4 or optim.steps=60"
+    )
+    tu.add_argument("--storage", default=None, help="experiments directory: path or s3:// URI")
+    tu.add_argument("--name", default=None, help="experiment name (default: the study's)")
+    tu.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    tu.add_argument("--print-study", action="store_true", help="print the space and exit")
+    tu.set_defaults(func=_tune)
+    cmp = sub.add_parser("compare", help="reprint the summary of a finished or running study")
+    cmp.add_argument("experiment", help="the experiment directory (printed by deqray tune)")
+    cmp.set_defaults(func=_compare)
     return parser
 
 
@@ -160,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     # argparse leaves those to parse_known_args.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) == "train" and all(
+        if getattr(args, "command", None) in ("train", "tune") and all(
             "=" in x and not x.startswith("-") for x in extra
         ):
             args.overrides = [*args.overrides, *extra]

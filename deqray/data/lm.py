@@ -234,7 +234,11 @@ def lane_dataset(
     extra: dict[str, Any] = {}
     if node_id is not None:
         extra["label_selector"] = {"ray.io/node-id": node_id}
-    ds = ray.data.range(per_lane * batch_size, override_num_blocks=per_lane).map_batches(
+    # The piece indices are made here, not by ray.data.range: its read task
+    # takes a whole CPU, which on a small machine full of train workers (two
+    # trials of a sweep on 2 CPUs) it may never get, and then nothing is read.
+    ids = [{"id": i} for i in range(per_lane * batch_size)]
+    ds = ray.data.from_items(ids, override_num_blocks=per_lane).map_batches(
         _read_pieces,
         batch_size=batch_size,  # one task reads piece j of every lane
         batch_format="numpy",

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import pickle
 import sys
 import time
@@ -542,13 +543,25 @@ def _check_reuse(existing: Manifest, *, name, source, options, meta) -> None:
     for key, value in (meta or {}).items():
         made[key] = existing.meta.get(key)
         asked[key] = value
-    diff = [k for k in asked if made[k] != asked[k]]
+    diff = [k for k in asked if not _same(made[k], asked[k])]
     if diff:
         details = "; ".join(f"{k}: {_brief(made[k])} there, {_brief(asked[k])} asked" for k in diff)
         raise DataError(
             f"{existing.root}: holds a finished data set made differently ({details}); "
             "pass --overwrite to redo it, or choose another --out"
         )
+
+
+def _same(a, b) -> bool:
+    """Equal, with floats compared to 1e-9: derived figures (a chain's entropy rate)
+    differ in the last bits between processes that use BLAS with other thread counts."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def _brief(value, limit: int = 120) -> str:

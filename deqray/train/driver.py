@@ -29,6 +29,7 @@ from deqray.data._fs import locate
 from .loop import METRICS_FILE, STATUS_FILE, train_loop_per_worker
 
 DEFAULT_STORAGE = "runs"
+MATERIALIZE_BYTES = 256 << 20  # decoded image splits up to this size are decoded once
 
 
 # --------------------------------------------------------------------------- #
@@ -200,6 +201,18 @@ def datasets_for(cfg: Experiment, manifest, ctx: dict):
         # A split iterator must be read to its end: cap the data, not the loop.
         per_eval = cfg.train.eval_batches * ctx["eval_batch_per_worker"] * cfg.scaling.workers
         datasets[ev] = datasets[ev].limit(per_eval)
+    # Every pass over a split starts its decode actors afresh (seconds: they
+    # import torch). A small split that is the same on every pass is decoded
+    # once, here: the evaluation split, and the training split without
+    # augmentation.
+    pixels = 3 * ctx["image_size"][0] * ctx["image_size"][1] * 4
+    rows = {s: manifest.splits[s].rows for s in (train, ev)}
+    if rows[ev] * pixels <= MATERIALIZE_BYTES:
+        datasets[ev] = datasets[ev].materialize()
+    if not augment and rows[train] * pixels <= MATERIALIZE_BYTES:
+        datasets[train] = datasets[train].materialize()
+        if d.shuffle and not d.deterministic:
+            datasets[train] = datasets[train].randomize_block_order()
     options = None
     if d.deterministic:
         options = ExecutionOptions()

@@ -9,9 +9,10 @@ DEQ mode after; the Jacobian loss on a step with probability
 new checkpoint, so the last good one stays the latest.
 
 Every rank makes the same collective calls in the same order: the DDP
-all-reduce of each step, one all-reduce of a "non-finite loss" flag per
-step, the metric reductions and the checkpoint gathers at evaluations, and
-one `ray.train.report` per evaluation.
+all-reduce of each step (whose averaged gradients also tell every rank
+alike about a non-finite loss anywhere), the metric reductions and the
+checkpoint gathers at evaluations, and one `ray.train.report` per
+evaluation.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from deqray.config import Experiment
 from deqray.data._fs import locate
@@ -48,15 +48,6 @@ from .state import (
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
-
-
-def _all_true(flag: bool, device) -> bool:
-    """True when `flag` holds on every rank (one tiny all-reduce)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=device)
-    dist.all_reduce(t)
-    return bool(t.item() == 0)
 
 
 def _fault(cfg: Experiment, run: Any, step: int, rank: int) -> None:
@@ -310,18 +301,31 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 total_loss = total_loss + w * info.jac_loss.float()
             if cfg.debug.nan_at_step is not None and step >= cfg.debug.nan_at_step:
                 total_loss = total_loss * float("nan")
-            finite = _all_true(bool(torch.isfinite(total_loss.detach())), device)
-            if not finite:
-                status = report(
-                    "diverged",
-                    f"non-finite loss ({float(total_loss.detach()):g}) at step {step}",
-                    save=False,
-                )
-                break
             optimizer.zero_grad(set_to_none=True)
-            total_loss.backward()
+            if bool(torch.isfinite(total_loss.detach())):
+                total_loss.backward()
+            else:
+                # No backward through a non-finite loss (the implicit solver
+                # refuses a NaN start), but NaN gradients for every parameter:
+                # DDP's all-reduce then hands them to every rank alike.
+                params = [p for p in model.parameters() if p.requires_grad]
+                (sum((p * 0).sum() for p in params) * float("nan")).backward()
+            grads = [p for p in model.parameters() if p.grad is not None]
             if cfg.optim.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(grads, cfg.optim.clip_grad_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+            # DDP has averaged the gradients: a non-finite loss or gradient on any
+            # rank shows here on every rank alike, with no collective of its own.
+            if not bool(torch.isfinite(norm)):
+                value = float(total_loss.detach())
+                what = (
+                    f"non-finite loss ({value:g})"
+                    if not math.isfinite(value)
+                    else ("non-finite gradients")
+                )
+                status = report("diverged", f"{what} at step {step}", save=False)
+                break
             optimizer.step()
             scheduler.step()
             if device.type == "cuda":
@@ -330,6 +334,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             progress.step += 1
             progress.batch_in_epoch += 1
             m = info.metrics()
+            m["grad_norm"] = float(norm)
             residuals = {"fwd_rel_residual": info.rel_residual, "fwd_nstep": info.nstep}
             if info.backward.result is not None:
                 residuals["bwd_rel_residual"] = info.backward.result.rel_residual
@@ -413,7 +418,7 @@ def _append_metrics(run, metrics: dict) -> None:
     target.write_bytes(old + line.encode())
 
 
-def _write_status(run, status: str, reason: str, step: int, metrics: dict) -> None:
+def _write_status(run, status: str, reason: str, step: int, metrics: dict) -> dict:
     body = {"status": status, "reason": reason, "step": step}
     body["metrics"] = {k: _jsonable(v) for k, v in metrics.items()}
     run.join(STATUS_FILE).write_bytes(json.dumps(body, indent=1).encode())
