@@ -78,7 +78,10 @@ def study_file(tmp_path, cache, **changes):
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         "trials": 4,
         "concurrency": 2,
-        "resources": {"workers": 1},
+        # A quarter CPU per worker: two trials and their data reads fit on 2
+        # CPUs even while Ray Train still holds a finished trial's workers
+        # (with half a CPU, the third trial's first read waited forever).
+        "resources": {"workers": 1, "cpus_per_worker": 0.25},
         "seed": 0,
         # two good settings first: the bad one then meets ASHA's recorded rungs
         "points_to_evaluate": [GOOD, GOOD2, BAD],
