@@ -252,7 +252,7 @@ def _instrumented_loop(loop_config: dict):
     patch(M.TrainStats, "add", stats_add)
     patch(deq_mod.DEQInfo, "metrics", probe.timed(orig_metrics, "metrics"))
     patch(L, "load_state", load_state)
-    for name in ("_all_true", "evaluate", "gather_to_rank0", "save_state", "_append_metrics"):
+    for name in ("evaluate", "gather_to_rank0", "save_state", "_append_metrics"):
         patch(L, name, probe.timed(getattr(L, name), name.strip("_")))
     patch(L, "_progress_line", probe.timed(L._progress_line, "progress_line"))
     patch(M.TrainStats, "reduce", probe.timed(M.TrainStats.reduce, "stats_reduce"))
@@ -439,7 +439,6 @@ def ray_fit(config: str, overrides: list[str], workers: int, storage: str, verbo
 PARTS = (
     "data",
     "step_s",
-    "all_true",
     "metrics",
     "stats_add",
     "progress_line",
@@ -496,8 +495,8 @@ def ray_summary(run_dir: str, win: dict[str, list[int]], items: int) -> dict:
         w["items_per_s"] = items / w["iter_mean_s"]
         w["items_per_s_step_time_only"] = items / w["step_time_mean_s"]
         parts = {k: statistics.fmean(iters[i].get(k, 0.0) for i in idx) for k in PARTS}
-        # all_true runs inside the loop's timed step; the other parts outside it
-        outside = sum(v for k, v in parts.items() if k not in ("all_true", "step_s"))
+        # the parts below run outside the loop's timed step
+        outside = sum(v for k, v in parts.items() if k != "step_s")
         parts["unaccounted"] = w["iter_mean_s"] - parts["step_s"] - outside
         w["parts_mean_s"] = parts
         w["fwd_nstep_mean"] = _mean(iters[i].get("fwd_nstep") for i in idx)
