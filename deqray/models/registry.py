@@ -120,13 +120,21 @@ def count_parameters(spec: str | Mapping | Any, **overrides) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def family_of(config: Any) -> str:
+    """The registered family name of a model config object."""
+    _load()
+    for name, cls in _FAMILIES.items():
+        if isinstance(config, cls):
+            return name
+    raise TypeError(f"{type(config).__name__} is not a registered model family")
+
+
 def describe() -> list[dict]:
     """One row per preset: name, family, parameter count."""
     rows = []
     for name in presets():
         cfg = preset_config(name)
-        family = next(f for f, cls in _FAMILIES.items() if isinstance(cfg, cls))
-        rows.append({"preset": name, "family": family, "parameters": count_parameters(cfg)})
+        rows.append({"preset": name, "family": family_of(cfg), "parameters": count_parameters(cfg)})
     return rows
 
 

@@ -73,19 +73,14 @@ def prepare_data(cfg: Experiment, verbose: bool = True):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _family_name(model_cfg) -> str:
-    from deqray.models.registry import _FAMILIES, _load
-
-    _load()
-    return next(name for name, cls in _FAMILIES.items() if isinstance(model_cfg, cls))
-
-
 def run_context(cfg: Experiment, manifest) -> dict[str, Any]:
     """Everything the workers derive from the config and the data, decided once here."""
     from deqray.models import make_config
 
     model_cfg = cfg.model_config()
-    family = _family_name(model_cfg)
+    from deqray.models.registry import family_of
+
+    family = family_of(model_cfg)
     lm = family == "deq_transformer"
     want = "lm" if lm else "vision"
     if manifest.kind != want:

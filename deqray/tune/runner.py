@@ -129,12 +129,8 @@ def _storage(study: Study, exp_uri: str, study_name: str):
     """Optuna's RDB storage: a SQLite file in the experiment directory when it is local."""
     import optuna
 
-    if "://" in exp_uri:
-        # SQLite needs a local file: keep it beside the command, say where.
-        path = os.path.abspath(f"{study_name}.{OPTUNA_DB}")
-    else:
-        os.makedirs(exp_uri, exist_ok=True)
-        path = os.path.join(exp_uri, OPTUNA_DB)
+    path = _db_path(exp_uri, study_name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     return optuna.storages.RDBStorage(f"sqlite:///{path}"), path
 
 
@@ -273,6 +269,8 @@ def run_study(
 
 
 def _db_path(exp_uri: str, study_name: str) -> str:
+    """SQLite needs a local file: in the experiment directory, or beside the command
+    when the experiment is on remote storage."""
     if "://" in exp_uri:
         return os.path.abspath(f"{study_name}.{OPTUNA_DB}")
     return os.path.join(exp_uri, OPTUNA_DB)
