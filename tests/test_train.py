@@ -303,3 +303,27 @@ def test_a_solver_that_stops_converging_ends_the_run(cache, tmp_path):
     # steps 4, 6, 8 are the DEQ-mode evaluations over the limit
     assert end["step"] == 8
     assert result.metrics["step"] == 6  # the last checkpoint: before the divergence
+
+
+def test_deterministic_vision_splits_keep_the_read_order(cache):
+    # The splits decoded once by the driver are executed there, not by Ray
+    # Train: they must carry preserve_order themselves, or a resumed run
+    # sees its images in another order.
+    from deqray.train.driver import datasets_for, prepare_data, resolve, run_context
+
+    cfg = resolve(
+        {"optim": {"steps": 1}},
+        [*VISION, f"data.cache={cache}", "data.deterministic=true"],
+        workers=1,
+    )
+    manifest = prepare_data(cfg, verbose=False)
+    ctx = run_context(cfg, manifest)
+    orders = []
+    for _ in range(3):
+        datasets, data_config = datasets_for(cfg, manifest, ctx)
+        assert data_config._user_execution_options.preserve_order
+        for ds in datasets.values():
+            assert ds.context.execution_options.preserve_order
+        orders.append([int(r["label"]) for r in datasets[cfg.data.train_split].take_all()])
+    assert len(orders[0]) == manifest.splits[cfg.data.train_split].rows
+    assert orders[0] == orders[1] == orders[2]

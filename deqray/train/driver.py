@@ -12,6 +12,7 @@ an existing run, Ray Train resumes it from its latest checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fcntl
 import hashlib
@@ -185,13 +186,18 @@ def datasets_for(cfg: Experiment, manifest, ctx: dict):
     augment = d.augment and not d.deterministic
     # Datasets keep a copy of the context they were made in: no per-epoch
     # progress bars in the training log, without changing the caller's context.
+    # With deterministic data, the splits decoded once below must also keep
+    # the read order (a materialised split is executed here, not by Train).
     context = DataContext.get_current()
-    saved = context.enable_progress_bars
+    saved = context.enable_progress_bars, context.execution_options
     context.enable_progress_bars = False
+    if d.deterministic:
+        context.execution_options = copy.deepcopy(saved[1])
+        context.execution_options.preserve_order = True
     try:
         datasets = _vision(cfg, manifest, ctx, vision_datasets, augment)
     finally:
-        context.enable_progress_bars = saved
+        context.enable_progress_bars, context.execution_options = saved
     if cfg.train.eval_batches is not None:
         # A split iterator must be read to its end: cap the data, not the loop.
         per_eval = cfg.train.eval_batches * ctx["eval_batch_per_worker"] * cfg.scaling.workers
