@@ -105,7 +105,7 @@ def test_quickstart_content():
     assert s.directions() == ["minimize", "minimize"]
     assert s.concurrency == 2 and s.fixed.scaling.workers == 1
     assert s.fixed.scaling.gpus_per_worker == 0
-    assert s.scheduler.name == "asha" and s.scheduler.max_t == s.reports_per_trial() == 6
+    assert s.scheduler.name == "asha" and s.scheduler.max_t == s.reports_per_trial() == 8
     # the hand-set reference (markov-tiny's own values) is the first trial
     ref = s.reference_points()[0]
     cfg = s.experiment(ref)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -159,10 +160,27 @@ def _autocast_factory(cfg: Experiment, device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def _quiet_library_logs() -> None:
+    """Keep the worker's own output readable: Ray Train logs every report with
+    its whole metrics dict, and Ray Data announces each pass over a split.
+    Warnings and errors still come through."""
+    from ray.data import DataContext
+
+    DataContext.get_current().print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:  # Ray Train v2 names this logger after its file
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # pragma: no cover - another Ray layout
+        pass
+
+
 def train_loop_per_worker(loop_config: dict) -> dict | None:
     import ray.train
     import ray.train.torch
 
+    _quiet_library_logs()
     cfg = Experiment.from_dict(loop_config["experiment"], "run config")
     ctx = loop_config["context"]
     run = locate(loop_config["run_uri"])
