@@ -208,6 +208,12 @@ def _shipped() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return args.func(args)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of `deqray` (also what pipelines/*.py parse)."""
     parser = build_parser()
     # Overrides may come after options too (`train cfg --workers 2 optim.lr=0.01`):
     # argparse leaves those to parse_known_args.
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    return args
 
 
 if __name__ == "__main__":

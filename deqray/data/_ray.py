@@ -26,3 +26,34 @@ def connect(num_cpus: int | None = None, resources: dict | None = None, **kwargs
         return ray.init(address="auto", **kwargs)
     except (ConnectionError, RuntimeError):
         return ray.init(num_cpus=num_cpus, resources=resources, **kwargs)
+
+
+def cluster_summary() -> str:
+    """One line about the cluster this process is connected to: nodes, CPUs, GPUs, address."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    ctx = ray.get_runtime_context()
+    address = getattr(ctx, "gcs_address", None) or "local"
+    return (
+        f"Ray cluster at {address}: {len(nodes)} node{'s' * (len(nodes) != 1)}, "
+        f"{total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
+    )
+
+
+def storage_warning(uri: str) -> str | None:
+    """A warning when `uri` is a plain local path and the cluster has more than one node:
+    checkpoints and results written there by one node are invisible to the others
+    unless the path is on a mount every node shares."""
+    import ray
+
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return None
+    return (
+        f"storage {uri} is a local path on a cluster of {len(nodes)} nodes: every node must "
+        "see it (a shared file system); otherwise pass --storage s3://<bucket>/<prefix>"
+    )

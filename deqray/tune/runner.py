@@ -203,6 +203,11 @@ def build_tuner(
     return tuner, exp_uri
 
 
+# What a local Ray started for a study offers besides CPUs: the trial drivers'
+# resource, so that they hold no CPU (a cluster's head provides its own).
+LOCAL_RESOURCES = {"TRAIN_DRIVER": 64}
+
+
 def _driver_resources() -> dict:
     """{"TRAIN_DRIVER": 0.01} where the cluster offers it, else a small CPU share."""
     import ray
@@ -236,7 +241,7 @@ def run_study(
         raise ConfigError(
             f"{exp_uri} holds a study already: pass --resume to continue it, or another --name"
         )
-    connect(resources={"TRAIN_DRIVER": 64})
+    connect(resources=LOCAL_RESOURCES)
     # The data once, here: an embedded set is generated before trials race for
     # it, and epochs become steps for ASHA's max_t.
     base = study.experiment({})

@@ -444,7 +444,11 @@ def find_study(path_or_name: str | Path) -> Path:
     if "/" not in text and not text.endswith((".yaml", ".yml")) and shipped.is_file():
         return shipped
     names = shipped_studies()
-    hint = f"; shipped studies: {', '.join(names)}" if names else ""
+    hint = (
+        f"; shipped studies: {', '.join(names)}"
+        if names
+        else f" (and no shipped studies in {SEARCH_SPACES_DIR}: not a source checkout)"
+    )
     raise ConfigError(f"{text}: no such study file{suggest(p.stem, names)}{hint}")
 
 

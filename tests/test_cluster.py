@@ -1,0 +1,218 @@
+"""The scale-out path on a real two-node Ray cluster: `ray start` processes on this machine.
+
+The head (2 logical CPUs, the trial drivers' TRAIN_DRIVER resource) and a
+second node (2 logical CPUs) are separate `ray start` process trees, pinned
+to separate cores where the machine has two. Work reaches them the way it
+reaches a real cluster: `ray job submit --working-dir .` running
+pipelines/tune.py and pipelines/train.py. A training worker takes 1.5 CPUs,
+so one fits on a node and concurrent trials must spread over both.
+
+Marked `cluster`: `pytest -m "not cluster"` skips them; CI runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.local_cluster import LocalCluster
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER_CPUS = "scaling.cpus_per_worker=1.5"
+TWO_CORES = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1) >= 2
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster()
+    try:
+        c.start_head(2, {"TRAIN_DRIVER": 64}, cores="0" if TWO_CORES else None)
+        yield c
+    finally:
+        c.stop()
+        assert c.leftovers() == []
+
+
+def _node_ids(c: LocalCluster) -> dict[str, str]:
+    """{node_id: "head" | "worker"} of the nodes alive now."""
+    out = {}
+    for n in c.node_table():
+        if n.get("state") == "ALIVE":
+            out[n["node_id"]] = "head" if n.get("is_head_node") else "worker"
+    return out
+
+
+def _fail(c: LocalCluster, job_id: str, state: str) -> str:
+    logs = c.job_logs(job_id)
+    return f"job {job_id} ended {state}; last lines:\n{logs[-6000:]}"
+
+
+def test_quickstart_study_runs_on_both_nodes(cluster, tmp_path):
+    node = cluster.add_node(2, cores="1" if TWO_CORES else None)
+    try:
+        nodes = _node_ids(cluster)
+        assert sorted(nodes.values()) == ["head", "worker"]
+        storage = tmp_path / "tune"
+        job_id, proc = cluster.submit(
+            [
+                "python",
+                "pipelines/tune.py",
+                "quickstart",
+                "trials=4",
+                "optim.steps=100",
+                "train.eval_every=25",
+                "scheduler.grace_period=2",
+                WORKER_CPUS,
+                f"data.cache={tmp_path / 'data'}",
+                "--storage",
+                str(storage),
+                "--name",
+                "two-nodes",
+            ],
+            working_dir=str(ROOT),
+            timeout=900,
+        )
+        logs = proc.stdout + proc.stderr
+        assert proc.returncode == 0, logs[-6000:]
+        assert cluster.job_status(job_id) == "SUCCEEDED"
+        assert "2 nodes, 4 CPUs" in logs  # the pipeline says where it runs
+        assert f"tensorboard --logdir {storage / 'two-nodes'}" in logs
+
+        from deqray.tune.runner import load_results
+
+        result = load_results(str(storage / "two-nodes"))
+        assert len(result.rows) == 4
+        assert {r["status"] for r in result.rows} <= {"finished", "stopped early"}
+        assert result.front
+        # the trials' training workers ran on both nodes
+        workers = cluster.actors("RayTrainWorker")
+        assert len(workers) >= 4
+        used = {w["node_id"] for w in workers}
+        assert used == set(nodes), (used, nodes)
+    finally:
+        cluster.kill(node)
+        cluster.wait_for_nodes(1, timeout=120)
+
+
+BLOCKER = """
+import sys, ray
+ray.init(address=sys.argv[1])
+
+@ray.remote(num_cpus=1, resources={"node:__internal_head__": 0.001})
+class Blocker:
+    def ready(self):
+        return True
+
+b = Blocker.remote()
+ray.get(b.ready.remote())
+print("holding", flush=True)
+sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def _read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return rows
+
+
+def test_node_failure_mid_run_resumes_from_the_last_checkpoint_on_the_head(cluster, tmp_path):
+    node = cluster.add_node(2, cores="1" if TWO_CORES else None)
+    nodes = _node_ids(cluster)
+    # One of the head's two CPUs is held while the run starts, so its worker
+    # (1.5 CPUs) goes to the second node, while the driver's data preparation
+    # (Ray Data tasks reading local files, kept on the head) still runs; the
+    # CPU is freed before that node is killed.
+    blocker = subprocess.Popen(
+        [sys.executable, "-c", BLOCKER, cluster.address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cluster.env,
+    )
+    try:
+        assert blocker.stdout.readline().strip() == "holding"
+        runs = tmp_path / "runs"
+        job_id, proc = cluster.submit(
+            [
+                "python",
+                "pipelines/train.py",
+                "markov-tiny",
+                "optim.steps=1500",
+                "train.pretrain_steps=20",
+                "train.eval_every=50",
+                "train.eval_batches=4",
+                "checkpoint.max_failures=3",
+                WORKER_CPUS,
+                f"data.cache={tmp_path / 'data'}",
+                "--storage",
+                str(runs),
+                "--name",
+                "failover",
+            ],
+            working_dir=str(ROOT),
+            wait=False,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run = runs / "failover"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            rows = _read_metrics(run)
+            if rows and rows[-1]["step"] >= 100:
+                break
+            state = cluster.job_status(job_id)
+            assert state in ("PENDING", "RUNNING"), _fail(cluster, job_id, state)
+            time.sleep(1.0)
+        else:
+            pytest.fail(_fail(cluster, job_id, "still short of step 100"))
+        # the worker is on the second node
+        workers = cluster.actors("RayTrainWorker")
+        assert [nodes[w["node_id"]] for w in workers if w["state"] == "ALIVE"] == ["worker"]
+        before = rows[-1]["step"]
+    finally:
+        blocker.stdin.close()
+        blocker.wait(timeout=60)
+    killed_at = cluster.kill(node)
+
+    state = cluster.wait_job(job_id, timeout=600)
+    logs = cluster.job_logs(job_id)
+    assert state == "SUCCEEDED", _fail(cluster, job_id, state)
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 1500
+    # restored from a checkpoint at or after the last report seen before the kill
+    resumed = [
+        int(ln.split("resumed at step ")[1].split()[0])
+        for ln in logs.splitlines()
+        if "resumed at step " in ln
+    ]
+    assert resumed and before - 50 <= resumed[0] < 1500, (resumed, before)
+    rows = _read_metrics(run)
+    after = [r for r in rows if r["time"] > killed_at]
+    assert after and after[0]["step"] > resumed[0], (
+        killed_at,
+        [(r["step"], r["time"]) for r in rows],
+        resumed,
+    )
+    steps = [r["step"] for r in after]
+    assert steps == sorted(steps) and steps[-1] == 1500
+    # the restored worker runs on the head, the only node left
+    workers = cluster.actors("RayTrainWorker")
+    head = next(n for n, kind in nodes.items() if kind == "head")
+    assert any(w["node_id"] == head for w in workers)
+    assert cluster.alive() == 1
