@@ -21,10 +21,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+
+
+_HOLDER = """
+import sys, ray
+ray.init(address=sys.argv[1])
+
+@ray.remote(num_cpus=float(sys.argv[2]), resources={"node:__internal_head__": 0.001})
+class Holder:
+    def ready(self):
+        return True
+
+h = Holder.remote()
+ray.get(h.ready.remote())
+print("holding", flush=True)
+sys.stdin.read()  # until the parent closes stdin
+"""
 
 
 def free_port() -> int:
@@ -331,6 +348,25 @@ class LocalCluster:
         time.sleep(0.5)
         shutil.rmtree(self.root, ignore_errors=True)
 
+    @contextmanager
+    def hold_head_cpus(self, cpus: float):
+        """Hold `cpus` of the head's CPUs (an actor of a client driver) until the block ends."""
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, self.address, str(cpus)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=self.env,
+        )
+        try:
+            line = holder.stdout.readline().strip()
+            if line != "holding":
+                raise RuntimeError(f"could not hold {cpus} head CPUs: {line!r}")
+            yield
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=60)
+
     def leftovers(self) -> list[int]:
         marker = str(self.root)
         return [
@@ -338,3 +374,34 @@ class LocalCluster:
             for p in os.listdir("/proc")
             if p.isdigit() and marker in _cmdline(int(p)) and _alive(int(p))
         ]
+
+
+def failover_entrypoint(
+    *, steps: int, eval_every: int, eval_batches: int, cache, storage, worker_cpus: float
+) -> list[str]:
+    """`pipelines/train.py` on markov-tiny, checkpointing at every evaluation, restarts allowed."""
+    return [
+        "python",
+        "pipelines/train.py",
+        "markov-tiny",
+        f"optim.steps={steps}",
+        "train.pretrain_steps=20",
+        f"train.eval_every={eval_every}",
+        f"train.eval_batches={eval_batches}",
+        "checkpoint.max_failures=3",
+        f"scaling.cpus_per_worker={worker_cpus}",
+        f"data.cache={cache}",
+        "--storage",
+        str(storage),
+        "--name",
+        "failover",
+    ]
+
+
+def resumed_steps(logs: str) -> list[int]:
+    """The steps a run's log says it resumed at ("[deqray] resumed at step N ...")."""
+    return [
+        int(line.split("resumed at step ")[1].split()[0])
+        for line in logs.splitlines()
+        if "resumed at step " in line
+    ]

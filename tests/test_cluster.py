@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.local_cluster import LocalCluster
+from deqray.train.driver import read_metrics
+from tests.local_cluster import LocalCluster, failover_entrypoint, resumed_steps
 
 pytestmark = pytest.mark.cluster
 
@@ -102,35 +101,6 @@ def test_quickstart_study_runs_on_both_nodes(cluster, tmp_path):
         cluster.wait_for_nodes(1, timeout=120)
 
 
-BLOCKER = """
-import sys, ray
-ray.init(address=sys.argv[1])
-
-@ray.remote(num_cpus=1, resources={"node:__internal_head__": 0.001})
-class Blocker:
-    def ready(self):
-        return True
-
-b = Blocker.remote()
-ray.get(b.ready.remote())
-print("holding", flush=True)
-sys.stdin.read()  # until the test closes stdin
-"""
-
-
-def _read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return rows
-
-
 def test_node_failure_mid_run_resumes_from_the_last_checkpoint_on_the_head(cluster, tmp_path):
     node = cluster.add_node(2, cores="1" if TWO_CORES else None)
     nodes = _node_ids(cluster)
@@ -138,33 +108,17 @@ def test_node_failure_mid_run_resumes_from_the_last_checkpoint_on_the_head(clust
     # (1.5 CPUs) goes to the second node, while the driver's data preparation
     # (Ray Data tasks reading local files, kept on the head) still runs; the
     # CPU is freed before that node is killed.
-    blocker = subprocess.Popen(
-        [sys.executable, "-c", BLOCKER, cluster.address],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=cluster.env,
-    )
-    try:
-        assert blocker.stdout.readline().strip() == "holding"
+    with cluster.hold_head_cpus(1):
         runs = tmp_path / "runs"
         job_id, proc = cluster.submit(
-            [
-                "python",
-                "pipelines/train.py",
-                "markov-tiny",
-                "optim.steps=1500",
-                "train.pretrain_steps=20",
-                "train.eval_every=50",
-                "train.eval_batches=4",
-                "checkpoint.max_failures=3",
-                WORKER_CPUS,
-                f"data.cache={tmp_path / 'data'}",
-                "--storage",
-                str(runs),
-                "--name",
-                "failover",
-            ],
+            failover_entrypoint(
+                steps=1500,
+                eval_every=50,
+                eval_batches=4,
+                cache=tmp_path / "data",
+                storage=runs,
+                worker_cpus=1.5,
+            ),
             working_dir=str(ROOT),
             wait=False,
             timeout=120,
@@ -173,7 +127,7 @@ def test_node_failure_mid_run_resumes_from_the_last_checkpoint_on_the_head(clust
         run = runs / "failover"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            rows = _read_metrics(run)
+            rows = read_metrics(str(run))
             if rows and rows[-1]["step"] >= 100:
                 break
             state = cluster.job_status(job_id)
@@ -185,24 +139,18 @@ def test_node_failure_mid_run_resumes_from_the_last_checkpoint_on_the_head(clust
         workers = cluster.actors("RayTrainWorker")
         assert [nodes[w["node_id"]] for w in workers if w["state"] == "ALIVE"] == ["worker"]
         before = rows[-1]["step"]
-    finally:
-        blocker.stdin.close()
-        blocker.wait(timeout=60)
     killed_at = cluster.kill(node)
 
     state = cluster.wait_job(job_id, timeout=600)
     logs = cluster.job_logs(job_id)
     assert state == "SUCCEEDED", _fail(cluster, job_id, state)
+    assert "2 nodes, 4 CPUs" in logs and f"tensorboard --logdir {run}/tensorboard" in logs
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "finished" and status["step"] == 1500
     # restored from a checkpoint at or after the last report seen before the kill
-    resumed = [
-        int(ln.split("resumed at step ")[1].split()[0])
-        for ln in logs.splitlines()
-        if "resumed at step " in ln
-    ]
+    resumed = resumed_steps(logs)
     assert resumed and before - 50 <= resumed[0] < 1500, (resumed, before)
-    rows = _read_metrics(run)
+    rows = read_metrics(str(run))
     after = [r for r in rows if r["time"] > killed_at]
     assert after and after[0]["step"] > resumed[0], (
         killed_at,

@@ -376,12 +376,13 @@ def read_status(run_uri: str) -> dict | None:
 
 
 def read_metrics(run_uri: str) -> list[dict]:
-    """The run's reports in step order; a step reported twice (after a restore) keeps the last."""
+    """The run's reports in step order; a step reported twice (after a restore) keeps the last.
+    Works on a live run: a last line still being written is left out."""
     loc = locate(run_uri).join(METRICS_FILE)
     if not loc.exists():
         return []
     rows: dict[int, dict] = {}
-    for line in loc.read_bytes().decode().splitlines():
+    for line in loc.read_bytes().decode().split("\n")[:-1]:
         if line.strip():
             row = json.loads(line)
             rows[int(row["step"])] = row

@@ -62,6 +62,10 @@ def _report_callback(objectives: dict):
                 v = m.get(key)
                 if diverged or not isinstance(v, (int, float)) or not math.isfinite(v):
                     m[key] = math.inf if direction == "min" else -math.inf
+            # Tune's live table shows the first few metrics of a report: the
+            # objectives, then the step and the forward solver's steps.
+            first = [*objectives, "step", "fwd_nstep"]
+            m = {**{k: m[k] for k in first if k in m}, **m}
             super().after_report(run_context, [m, *metrics[1:]], checkpoint)
 
     return ObjectiveReport()
