@@ -72,7 +72,9 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, before_run=None, prog: str = "deqray train") -> int:
+    """`before_run(cfg)`, if given, runs after validation and before training
+    (pipelines/train.py joins the cluster there)."""
     from deqray.config import ConfigError
     from deqray.train.driver import fit, resolve
 
@@ -91,15 +93,18 @@ def _train(args: argparse.Namespace) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
+        if before_run is not None:
+            before_run(cfg)
         result = fit(cfg, verbose=not args.quiet)
     except ConfigError as e:
-        print(f"deqray train: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     end = result.return_value or {}
     return 3 if end.get("status") == "diverged" else 0
 
 
-def _tune(args: argparse.Namespace) -> int:
+def _tune(args: argparse.Namespace, before_run=None, prog: str = "deqray tune") -> int:
+    """`before_run(study)`, if given, runs after validation and before the study."""
     from deqray.config import ConfigError
     from deqray.tune.study import load_study
 
@@ -109,13 +114,15 @@ def _tune(args: argparse.Namespace) -> int:
             for line in study.space_summary():
                 print(line)
             return 0
+        if before_run is not None:
+            before_run(study)
         from deqray.tune.runner import run_study
 
         result = run_study(
             study, storage=args.storage, name=args.name, resume=args.resume, verbose=True
         )
     except ConfigError as e:
-        print(f"deqray tune: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     return 0 if result.front else 1
 

@@ -24,31 +24,22 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deqray.cli import parse_args
-    from deqray.config import ConfigError
-    from deqray.data._ray import cluster_summary, connect, storage_warning
-    from deqray.train.driver import resolve, storage_uri
+    from deqray.cli import _train, parse_args
 
     args = parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    try:  # a bad config fails before joining the cluster
-        cfg = resolve(
-            args.config,
-            args.overrides,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            storage=args.storage,
-            name=args.name,
-        )
-    except ConfigError as e:
-        print(f"pipelines/train.py: {e}", file=sys.stderr)
-        return 2
-    if not args.print_config:
-        connect()  # address="auto" where a cluster runs (a submitted job), local otherwise
-        print(cluster_summary(), flush=True)
-        warning = storage_warning(storage_uri(cfg))
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
-    return args.func(args)
+    # a bad config fails (exit 2) before the cluster is joined
+    return _train(args, before_run=_join_cluster, prog="pipelines/train.py")
+
+
+def _join_cluster(cfg) -> None:
+    from deqray.data._ray import cluster_summary, connect, storage_warning
+    from deqray.train.driver import storage_uri
+
+    connect()  # address="auto" where a cluster runs (a submitted job), local otherwise
+    print(cluster_summary(), flush=True)
+    warning = storage_warning(storage_uri(cfg))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -25,26 +25,23 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deqray.cli import parse_args
-    from deqray.config import ConfigError
-    from deqray.data._ray import cluster_summary, connect, storage_warning
-    from deqray.tune.runner import LOCAL_RESOURCES, experiment_uri
-    from deqray.tune.study import load_study
+    from deqray.cli import _tune, parse_args
 
     args = parse_args(["tune", *(sys.argv[1:] if argv is None else argv)])
-    try:  # a bad study fails before joining the cluster
-        study = load_study(args.study, args.overrides)
+
+    def join_cluster(study) -> None:
+        from deqray.data._ray import cluster_summary, connect, storage_warning
+        from deqray.tune.runner import LOCAL_RESOURCES, experiment_uri
+
         root, _ = experiment_uri(study, args.storage, args.name, args.resume)
-    except ConfigError as e:
-        print(f"pipelines/tune.py: {e}", file=sys.stderr)
-        return 2
-    if not args.print_study:
         connect(resources=LOCAL_RESOURCES)  # the resources only where Ray starts here
         print(cluster_summary(), flush=True)
         warning = storage_warning(root)
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-    return args.func(args)
+
+    # a bad study fails (exit 2) before the cluster is joined
+    return _tune(args, before_run=join_cluster, prog="pipelines/tune.py")
 
 
 if __name__ == "__main__":
