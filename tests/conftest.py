@@ -4,6 +4,12 @@ Ray is started once (`ray_session`), with the real 2 CPUs of this machine
 and a custom TRAIN_DRIVER resource for trial drivers (see RAY_NOTES). It is
 shut down at the end of the session by the driver that started it: that
 stops the processes of this instance only (never `ray stop`).
+
+Servers for the storage tests live in their own modules: `s3_server` /
+`s3_bucket` (tests/s3_server.py) and `pg_server` / `pg_url`
+(tests/pg_server.py). Ray starts after the S3 server, so that its workers
+inherit the S3 settings the session puts in the environment, as a user's
+would.
 """
 
 from __future__ import annotations
@@ -12,9 +18,13 @@ import os
 
 import pytest
 
+from tests.pg_server import pg_server, pg_url  # noqa: F401 (fixtures)
+from tests.s3_server import s3_bucket, s3_server  # noqa: F401 (fixtures)
+
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(request):
+    request.getfixturevalue("s3_server")  # first: Ray's workers inherit its settings
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray

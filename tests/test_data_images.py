@@ -12,6 +12,7 @@ import importlib.util
 import io
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -133,8 +134,12 @@ def test_imagenet_rerun_reuses_and_overwrite_is_deterministic(imagenet, tmp_path
     base, _, m = imagenet
     shard = Path(m.root) / m.splits["train"].shards[0].path
     before = shard.stat().st_mtime_ns
-    # reused without looking at the source: even a missing one
-    again = preprocess_imagenet(str(tmp_path / "gone"), m.root, progress=True)
+    # reused without looking at the source: even one that has gone away since
+    os.rename(base / "src", base / "src-away")
+    try:
+        again = preprocess_imagenet(str(base / "src"), m.root, shard_mb=0.01, progress=True)
+    finally:
+        os.rename(base / "src-away", base / "src")
     assert again.splits == m.splits and shard.stat().st_mtime_ns == before
     assert "reusing it" in capsys.readouterr().err
 
@@ -151,6 +156,42 @@ def test_imagenet_rerun_reuses_and_overwrite_is_deterministic(imagenet, tmp_path
     ]
     with pytest.raises(DataError, match="holds the 'imagenet' data set, not 'cifar10'"):
         preprocess_cifar10(str(tmp_path), str(out), progress=False)
+
+
+def test_imagenet_rerun_with_another_source_or_options_is_refused(imagenet, tmp_path):
+    """The old shards must not answer for another --src or other options (issue 14)."""
+    base, _, m = imagenet
+    assert m.source == str(base / "src")
+    assert m.meta["options"] == {
+        "shard_mb": 0.01,
+        "splits": ["train", "val"],
+        "seed": 0,
+        "strict": False,
+    }
+    before = {p: p.stat().st_mtime_ns for p in Path(m.root).rglob("*")}
+    other = tmp_path / "other"
+    shutil.copytree(base / "src", other)
+    there, asked = re.escape(str(base / "src")), re.escape(str(other))
+    with pytest.raises(DataError, match=rf"source: '{there}' there, '{asked}' asked"):
+        preprocess_imagenet(str(other), m.root, shard_mb=0.01, progress=False)
+    with pytest.raises(
+        DataError, match=r"options\.shard_mb: 0\.01 there, 0\.02 asked.*--overwrite"
+    ):
+        preprocess_imagenet(str(base / "src"), m.root, shard_mb=0.02, progress=False)
+    with pytest.raises(DataError, match=r"options\.seed: 0 there, 1 asked"):
+        preprocess_imagenet(str(base / "src"), m.root, shard_mb=0.01, seed=1, progress=False)
+    with pytest.raises(DataError, match=r"options\.splits: \['train', 'val'\] there, \['train'\]"):
+        preprocess_imagenet(str(base / "src"), m.root, shard_mb=0.01, splits="train")
+    # refusals touch nothing; the same --src with a trailing "/" is the same source
+    assert {p: p.stat().st_mtime_ns for p in Path(m.root).rglob("*")} == before
+    again = preprocess_imagenet(f"{base}/src/", m.root, shard_mb=0.01, progress=False)
+    assert again.splits == m.splits
+    # --overwrite redoes it from the other source
+    out = tmp_path / "copy"
+    shutil.copytree(m.root, out)
+    (other / "val" / "n01" / "n01_0.JPEG").unlink()
+    redone = preprocess_imagenet(str(other), str(out), shard_mb=0.01, overwrite=True)
+    assert redone.source == str(other) and redone.splits["val"].rows == m.splits["val"].rows - 1
 
 
 def test_imagenet_strict_names_the_bad_image_and_writes_no_manifest(imagenet, tmp_path):
@@ -299,6 +340,31 @@ def test_cifar_round_trip_and_sorted_labels(ray_session, tmp_path):
     train = np.concatenate([arrays[f][0] for f in CIFAR_SPLITS["train"]]).reshape(-1, 3) / 255
     np.testing.assert_allclose(m.meta["mean"], train.mean(0), atol=2e-6)
     np.testing.assert_allclose(m.meta["std"], train.std(0), atol=2e-6)
+
+
+def test_cifar_and_digits_reruns_check_source_and_options(ray_session, tmp_path):
+    write_cifar(tmp_path / "src", CIFAR_ROWS)
+    write_cifar(tmp_path / "src2", CIFAR_ROWS, seed=1)  # other pixels, same layout
+    out = str(tmp_path / "out")
+    first = preprocess_cifar10(str(tmp_path / "src"), out, progress=False)
+    assert first.meta["options"] == {"shard_mb": 8.0}
+    assert preprocess_cifar10(str(tmp_path / "src"), out, shard_mb=8).splits == first.splits
+    assert preprocess_cifar10(None, out, progress=False).splits == first.splits  # no --src: any
+    with pytest.raises(DataError, match=r"source: .*/src' there, .*/src2' asked"):
+        preprocess_cifar10(str(tmp_path / "src2"), out, progress=False)
+    with pytest.raises(DataError, match=r"options\.shard_mb: 8\.0 there, 0\.01 asked"):
+        preprocess_cifar10(str(tmp_path / "src"), out, shard_mb=0.01, progress=False)
+    redone = preprocess_cifar10(str(tmp_path / "src2"), out, overwrite=True, progress=False)
+    assert redone.source == str(tmp_path / "src2") and redone.meta["mean"] != first.meta["mean"]
+
+    digits = str(tmp_path / "digits")
+    d = write_digits(None, digits, progress=False)
+    assert d.meta["options"] == {"test_fraction": 0.2, "seed": 0, "shard_mb": 1.0}
+    with pytest.raises(DataError, match=r"options\.test_fraction: 0\.2 there, 0\.3 asked"):
+        write_digits(None, digits, test_fraction=0.3, progress=False)
+    with pytest.raises(DataError, match=r"options\.seed: 0 there, 5 asked"):
+        write_digits(None, digits, seed=5, progress=False)
+    assert write_digits(None, digits, seed=5, overwrite=True).meta["split_seed"] == 5
 
 
 def test_cifar_bad_inputs_are_named(ray_session, tmp_path):

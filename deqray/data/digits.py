@@ -34,6 +34,7 @@ from .manifest import Manifest, prepare_output
 
 DIGIT_CLASSES = [str(d) for d in range(10)]  # "0".."9": sorted order = the digit's value
 SIDE = 8
+SOURCE = "sklearn.datasets.load_digits"
 
 
 def digits_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
@@ -82,7 +83,9 @@ def write_digits(
         raise DataError(f"digits: the data is bundled with scikit-learn; got --src {src!r}")
     if not 0 < test_fraction < 1:
         raise DataError(f"digits: test_fraction must be in (0, 1), got {test_fraction}")
-    existing = reuse_existing(out, "digits", overwrite, progress)
+    options = {"test_fraction": float(test_fraction), "seed": int(seed)}
+    options["shard_mb"] = float(shard_mb)
+    existing = reuse_existing(out, "digits", overwrite, progress, source=SOURCE, options=options)
     if existing is not None:
         return existing
     images, labels = load_digits_uint8()
@@ -124,7 +127,7 @@ def write_digits(
     return finish(
         out_loc,
         dataset="digits",
-        source="sklearn.datasets.load_digits",
+        source=SOURCE,
         classes=DIGIT_CLASSES,
         splits=splits,
         stats=stats,
@@ -134,6 +137,7 @@ def write_digits(
             "split_seed": seed,
             "train_split": "train",
         },
+        options=options,
         progress=progress,
     )
 

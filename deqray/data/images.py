@@ -29,9 +29,11 @@ finish, shows progress, and writes the manifest last.
 
 Manifest: meta "classes" (index order), "mean"/"std" (training split, RGB
 in [0, 1]), "image_size" ([H, W] when all images share it, else None),
-"train_split"; per split, stats "class_counts" (every class, zeros
-included), "formats", "skipped" ({file, error} of undecodable images),
-"raw_bytes" (source bytes read).
+"train_split", "options" (those that shape the output: a rerun into the
+same --out with another --src or other options is refused, not silently
+answered with the old shards; see `reuse_existing`); per split, stats
+"class_counts" (every class, zeros included), "formats", "skipped" ({file,
+error} of undecodable images), "raw_bytes" (source bytes read).
 
 Why decode at preprocessing time: a corrupt JPEG found here is reported once,
 by name, in the manifest; found by a training worker it would cost a crashed
@@ -61,6 +63,7 @@ from .manifest import (
     Manifest,
     Shard,
     Split,
+    check_reuse,
     commit_output,
     load_manifest,
     prepare_output,
@@ -269,27 +272,38 @@ def _run_job_batch(batch: dict[str, np.ndarray], task: Callable[[dict], dict]) -
     out = []
     for text in batch["job"]:
         job = json.loads(text)
-        report = task(job)
+        try:
+            report = task(job)
+        except DataError as e:  # e.g. the storage stayed unreachable: named by the driver
+            report = {"error": str(e)}
         report["job"] = job["job"]
         out.append(json.dumps(report))
     return {"report": np.array(out, dtype=object)}
 
 
-def reuse_existing(out: str, dataset: str, overwrite: bool, progress: bool) -> Manifest | None:
+def reuse_existing(
+    out: str,
+    dataset: str,
+    overwrite: bool,
+    progress: bool,
+    *,
+    source: str | None,
+    options: dict[str, Any],
+) -> Manifest | None:
     """The finished output at `out` when it can be reused, before the source is even looked at.
 
     Listing 1.28M ImageNet files only to find that the work is done would
     waste minutes; and checking the source first would make a finished output
-    unusable once its source is gone.
+    unusable once its source is gone. What is compared is what the output was
+    made from: the data set, the source URI (None: not given, any will do)
+    and the `options` recorded in its manifest (`finish`). A difference is
+    an error naming it, since the old shards would silently answer a
+    different question; `overwrite` redoes the output.
     """
     if overwrite or not locate(out).join(MANIFEST).is_file():
         return None
     _, existing = prepare_output(out)  # verifies shard sizes; names a damaged shard
-    if existing.dataset != dataset:
-        raise DataError(
-            f"{locate(out)}: holds the {existing.dataset!r} data set, not {dataset!r}; "
-            "choose another --out (or --overwrite it)"
-        )
+    check_reuse(existing, dataset=dataset, source=source, options=options)
     if progress:
         print(
             f"[{dataset}] {locate(out).join(MANIFEST)} exists: reusing it (--overwrite to redo)",
@@ -300,10 +314,18 @@ def reuse_existing(out: str, dataset: str, overwrite: bool, progress: bool) -> M
 
 
 def open_source(
-    src: str | None, out: str, dataset: str, what: str, overwrite: bool, progress: bool
+    src: str | None,
+    out: str,
+    dataset: str,
+    what: str,
+    overwrite: bool,
+    progress: bool,
+    *,
+    options: dict[str, Any],
 ) -> tuple[Manifest | None, Location | None]:
     """(finished output to reuse, None) or (None, the source directory, checked to exist)."""
-    existing = reuse_existing(out, dataset, overwrite, progress)
+    source = locate(src).uri if src else None
+    existing = reuse_existing(out, dataset, overwrite, progress, source=source, options=options)
     if existing is not None:
         return existing, None
     if not src:
@@ -364,8 +386,10 @@ def finish(
     splits: dict[str, Split],
     stats: PixelStats,
     meta: dict[str, Any],
+    options: dict[str, Any],
     progress: bool,
 ) -> Manifest:
+    """Write the manifest (last); `options` are those given to `reuse_existing`."""
     mean, std = stats.mean_std()
     manifest = Manifest(
         dataset=dataset,
@@ -379,6 +403,7 @@ def finish(
             "std": std,
             "columns": SCHEMA.names,
             **meta,
+            "options": options,
         },
         source=source,
     )
@@ -477,8 +502,17 @@ def preprocess_imagenet(
     The image bytes are stored as they were (no re-encoding).
     """
     splits = _as_splits(splits)
+    # strict shapes the output too: without it, bad images are skipped, not fatal
+    options = {"shard_mb": float(shard_mb), "splits": splits, "seed": int(seed)}
+    options["strict"] = bool(strict)
     existing, src_loc = open_source(
-        src, out, "imagenet", "the folder holding train/ and val/", overwrite, progress
+        src,
+        out,
+        "imagenet",
+        "the folder holding train/ and val/",
+        overwrite,
+        progress,
+        options=options,
     )
     if existing is not None:
         return existing
@@ -557,6 +591,7 @@ def preprocess_imagenet(
             "shuffle_seed": seed,
             "train_split": splits[0],
         },
+        options=options,
         progress=progress,
     )
 
@@ -693,8 +728,15 @@ def preprocess_cifar10(
     image); shards never straddle two batch files. `strict` changes nothing:
     arrays cannot fail to decode, and a malformed batch file is always an error.
     """
+    options = {"shard_mb": float(shard_mb)}
     existing, src_loc = open_source(
-        src, out, "cifar10", "the cifar-10-batches-py folder", overwrite, progress
+        src,
+        out,
+        "cifar10",
+        "the cifar-10-batches-py folder",
+        overwrite,
+        progress,
+        options=options,
     )
     if existing is not None:
         return existing
@@ -784,6 +826,7 @@ def preprocess_cifar10(
             "shard_mb": shard_mb,
             "train_split": "train",
         },
+        options=options,
         progress=progress,
     )
 

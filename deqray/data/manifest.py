@@ -8,14 +8,18 @@ Layout of an output directory:
 
 `manifest.json` records, per split, the shards (relative path, rows, bytes,
 sha256) and the split's statistics; and, for the data set, facts such as the
-vocabulary size or the class names. `load_manifest` checks the shards
-against it, so a truncated or altered shard is reported by name.
+vocabulary size or the class names, the source it was made from and the
+options it was made with (meta "options"). `load_manifest` checks the shards
+against it, so a truncated or altered shard is reported by name; and
+`check_reuse` refuses to take a finished output for one made from another
+source or with other options.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import posixpath
 import time
 import uuid
@@ -26,7 +30,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ._fs import TMP_MARK, DataError, Location, locate, sha256_bytes
+from ._fs import TMP_MARK, DataError, Location, locate, retrying, sha256_bytes
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -140,15 +144,87 @@ def load_manifest(root: str | Location, *, verify: str = "size") -> Manifest:
                     f"{loc}: {size} bytes, the manifest says {sh.bytes} (truncated or replaced)"
                 )
             try:
-                with loc.fs.open_input_file(loc.path) as fh:
-                    rows = pq.ParquetFile(fh).metadata.num_rows
+                rows = retrying("read", loc.uri, lambda loc=loc: _footer_rows(loc))
             except (pa.ArrowInvalid, OSError) as e:
+                if isinstance(e, DataError):  # the storage stayed unreachable
+                    raise
                 raise DataError(f"{loc}: not a readable parquet file ({e})") from None
             if rows != sh.rows:
                 raise DataError(f"{loc}: {rows} rows, the manifest says {sh.rows}")
             if verify == "checksum" and loc.sha256() != sh.sha256:
                 raise DataError(f"{loc}: checksum does not match {mpath}")
     return m
+
+
+def _footer_rows(loc: Location) -> int:
+    with loc.fs.open_input_file(loc.path) as fh:
+        return pq.ParquetFile(fh).metadata.num_rows
+
+
+def check_reuse(
+    existing: Manifest,
+    *,
+    dataset: str,
+    source: str | None,
+    options: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Refuse a finished output made from another source or another way; else return.
+
+    `source` is compared as a URI (a trailing "/" aside); None means "not
+    given", which accepts any. `options` (recorded in meta "options") and
+    every key of `meta` are compared value by value, floats to 1e-9 (derived
+    figures such as a chain's entropy rate differ in the last bits between
+    processes). The error names each differing key, dotted, with both values.
+    """
+    where = existing.root or "the output"
+    if existing.dataset != dataset:
+        raise DataError(
+            f"{where}: holds the {existing.dataset!r} data set, not {dataset!r}; "
+            "choose another --out (or --overwrite it)"
+        )
+    made: dict[str, Any] = {"options": existing.meta.get("options")}
+    asked: dict[str, Any] = {"options": options}
+    if source is not None:
+        made["source"] = existing.source.rstrip("/")
+        asked["source"] = source.rstrip("/")
+    for key, value in (meta or {}).items():
+        made[key] = existing.meta.get(key)
+        asked[key] = value
+    diff = _differences(made, asked, "")
+    if diff:
+        details = "; ".join(f"{k}: {_brief(a)} there, {_brief(b)} asked" for k, a, b in diff)
+        raise DataError(
+            f"{where}: holds a finished data set made differently ({details}); "
+            "pass --overwrite to redo it, or choose another --out"
+        )
+
+
+def _differences(made: Any, asked: Any, key: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value there, value asked) for every leaf where two records differ."""
+    if isinstance(made, dict) and isinstance(asked, dict):
+        out = []
+        for k in [*made, *(k for k in asked if k not in made)]:
+            sub = f"{key}.{k}" if key else str(k)
+            out += _differences(made.get(k), asked.get(k), sub)
+        return out
+    return [] if _same(made, asked) else [(key, made, asked)]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return not _differences(a, b, "")
+    return a == b
+
+
+def _brief(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def prepare_output(
@@ -241,12 +317,20 @@ def commit_output(final: Location, staged: Location, owned: tuple[str, ...] = ()
             continue
         if name in owned or _is_split_dir(final, name) or name.startswith(TMP_MARK):
             final.join(name).remove()
-    infos = staged.fs.get_file_info(pafs.FileSelector(staged.path, recursive=True))
+    selector = pafs.FileSelector(staged.path, recursive=True)
+    infos = retrying("list", staged.uri, lambda: staged.fs.get_file_info(selector))
     for info in infos:
         if info.type != pafs.FileType.File:
             continue
         rel = posixpath.relpath(info.path, staged.path)
         dest = final.join(*rel.split("/"))
-        staged.fs.create_dir(posixpath.dirname(dest.path), recursive=True)
-        staged.fs.move(info.path, dest.path)
+        retrying("move", dest.uri, lambda info=info, dest=dest: _move(staged.fs, info.path, dest))
     staged.remove()
+
+
+def _move(fs: pafs.FileSystem, src: str, dest: Location) -> None:
+    if fs.get_file_info(src).type == pafs.FileType.NotFound:  # moved by an unacknowledged try
+        if fs.get_file_info(dest.path).type == pafs.FileType.File:
+            return
+    fs.create_dir(posixpath.dirname(dest.path), recursive=True)
+    fs.move(src, dest.path)

@@ -210,7 +210,9 @@ def write_markov_corpus(
         "best_perplexity": math.exp(H),
     }
     options = {"chunk_bytes": int(chunk_bytes), "shard_tokens": int(shard_tokens)}
-    existing = _reusable(out, overwrite, name="markov", source=SOURCE, options=options, meta=meta)
+    existing = _reusable(
+        out, overwrite, dataset="markov", source=SOURCE, options=options, meta=meta
+    )
     if existing is not None:
         return existing
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import pickle
 import sys
 import time
@@ -50,11 +49,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ._fs import DataError, Location, locate
+from ._fs import DataError, Location, locate, retrying
 from .manifest import (
     Manifest,
     Shard,
     Split,
+    check_reuse,
     load_manifest,
     prepare_output,
     write_manifest,
@@ -133,6 +133,10 @@ def _line_start_after(fh, pos: int, size: int) -> int:
 
 def _read_chunk(chunk: _Chunk) -> tuple[int, bytes]:
     """The bytes of the lines that begin in [start, end), and where they begin."""
+    return retrying("read", chunk.uri, lambda: _read_chunk_once(chunk))
+
+
+def _read_chunk_once(chunk: _Chunk) -> tuple[int, bytes]:
     loc = locate(chunk.uri)
     with loc.fs.open_input_file(loc.path) as fh:
         # Two neighbouring chunks agree on their border: both look for the
@@ -202,9 +206,16 @@ def _count_batch(batch: dict[str, np.ndarray]) -> pa.Table:
     to the global vocabulary, so the text is read and split only once.
     """
     chunk = _chunk_of(batch)
-    begin, data = _read_chunk(chunk)
+    try:
+        begin, data = _read_chunk(chunk)
+    except DataError as e:  # the storage stayed unreachable: the driver raises it, by name
+        begin, data, io_error = 0, b"", str(e)
+    else:
+        io_error = None
     text, error = _decode(begin, data)
-    if error is not None:
+    if io_error is not None:
+        info, local = {"io_error": io_error}, np.zeros(0, np.int32)
+    elif error is not None:
         info, local = {"error": error}, np.zeros(0, np.int32)
     else:
         words, lines = _tokens(text)
@@ -255,14 +266,20 @@ def _write_batch(
     unknown = ids < 0
     n_unknown = int(unknown.sum())
     ids[unknown] = unk_id
-    out = locate(out_uri)
-    shards = [
-        _write_tokens(
-            out, f"{split}/shard-{index:05d}-{part:03d}.parquet", ids[lo : lo + shard_tokens]
-        )
-        for part, lo in enumerate(range(0, len(ids), shard_tokens))
-    ]
-    result = {"tokens": len(ids), "unknown": n_unknown, "shards": shards}
+    try:
+        out = locate(out_uri)
+        shards = [
+            _write_tokens(
+                out, f"{split}/shard-{index:05d}-{part:03d}.parquet", ids[lo : lo + shard_tokens]
+            )
+            for part, lo in enumerate(range(0, len(ids), shard_tokens))
+        ]
+    except DataError as e:
+        # A Ray task's exception reaches the driver wrapped in Ray's types;
+        # the driver raises this message as the DataError it is.
+        result = {"io_error": str(e)}
+    else:
+        result = {"tokens": len(ids), "unknown": n_unknown, "shards": shards}
     return pa.table({"split": [split], "index": [index], "info": [pickle.dumps(result)]})
 
 
@@ -294,7 +311,10 @@ def _say(msg: str) -> None:
 
 
 def _raise_text_error(chunks: list[_Chunk], results: dict) -> None:
-    """A clear error for the first chunk (in file order) whose text is not UTF-8."""
+    """A clear error for the first chunk (in file order) that could not be read or is not UTF-8."""
+    for c in chunks:
+        if "io_error" in results[c.split, c.index]:
+            raise DataError(results[c.split, c.index]["io_error"])
     for c in chunks:
         r = results[c.split, c.index]
         if "error" not in r:
@@ -384,7 +404,9 @@ def _preprocess(
         )
     options = {"chunk_bytes": int(chunk_bytes), "shard_tokens": int(shard_tokens)}
     out_loc = locate(out)
-    existing = _reusable(out_loc, overwrite, name=name, source=source, options=options, meta=meta)
+    existing = _reusable(
+        out_loc, overwrite, dataset=name, source=source, options=options, meta=meta
+    )
     if existing is not None:
         return existing
     out_uri = out_loc.uri
@@ -474,6 +496,9 @@ def _preprocess(
     finally:
         ctx.enable_progress_bars = saved_bars
 
+    for c in chunks:  # a shard that could not be written: no manifest
+        if "io_error" in written[c.split, c.index]:
+            raise DataError(written[c.split, c.index]["io_error"])
     splits = {}
     for split, cs in by_split.items():
         rs = [written[c.split, c.index] for c in cs]
@@ -528,42 +553,5 @@ def _reusable(out: str | Location, overwrite: bool, **made_as) -> Manifest | Non
         return None
     _, existing = prepare_output(out, owned=(VOCAB_FILE,))
     if existing is not None:
-        _check_reuse(existing, **made_as)
+        check_reuse(existing, **made_as)
     return existing
-
-
-def _check_reuse(existing: Manifest, *, name, source, options, meta) -> None:
-    """A finished output is reused only if it was made from the same input the same way."""
-    made = {
-        "dataset": existing.dataset,
-        "source": existing.source,
-        "options": existing.meta.get("options"),
-    }
-    asked = {"dataset": name, "source": source, "options": options}
-    for key, value in (meta or {}).items():
-        made[key] = existing.meta.get(key)
-        asked[key] = value
-    diff = [k for k in asked if not _same(made[k], asked[k])]
-    if diff:
-        details = "; ".join(f"{k}: {_brief(made[k])} there, {_brief(asked[k])} asked" for k in diff)
-        raise DataError(
-            f"{existing.root}: holds a finished data set made differently ({details}); "
-            "pass --overwrite to redo it, or choose another --out"
-        )
-
-
-def _same(a, b) -> bool:
-    """Equal, with floats compared to 1e-9: derived figures (a chain's entropy rate)
-    differ in the last bits between processes that use BLAS with other thread counts."""
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
-def _brief(value, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
