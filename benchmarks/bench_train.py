@@ -12,17 +12,17 @@ images/s). What is measured:
    a CPU; the same global batch), in steady state: evaluation only at the
    end (`train.eval_every` = steps, `train.eval_batches=1`), the first
    `--warmup` steps and the step that evaluates left out. The clock is rank
-   0's: a thin wrapper around the worker loop (installed in the worker,
-   nothing in deqray changes) stamps the moment the loop asks for each
-   batch, so a step's time includes waiting for data and the loop's own
+   0's: the probe, subscribed to the worker loop's hooks
+   (`deqray.train.hooks`), stamps the moment the loop asks for each batch,
+   so a step's time includes waiting for data and the loop's own
    bookkeeping, not only the `step_time` metric (forward, backward,
    optimiser), which is reported beside it. "steady" leaves out the first
    step of each epoch, where the Ray loop waits for a new pass of the data
    pipeline to start; "with epoch starts" keeps it.
 2. The overhead of that loop at 1 worker against a plain single-process
    loop written here, run in a fresh Python process while Ray idles: the
-   same model config, initial weights, optimiser and schedule (deqray's own
-   `make_optimizer` / `make_scheduler`), the same batches (LM: the parquet
+   same step function (`deqray.train.step.train_step`), model config,
+   initial weights, optimiser and schedule, the same batches (LM: the parquet
    tokens cut into the same lanes, memory carried; digits: the PNGs decoded
    once into one tensor), the same steps and the torch thread count a Ray
    worker gets. Ray and plain runs alternate (A B A B ...); the ratio of
@@ -34,7 +34,7 @@ images/s). What is measured:
    to the restored worker's first finished step, split into its phases,
    and the steps redone since the last checkpoint.
 
-The wrapper also times the loop's parts (data wait, the step, info.metrics(),
+The probe also times the loop's parts (data wait, the step, info.metrics(),
 TrainStats.add, evaluation, checkpoint, ray.train.report, ...) for the
 overhead breakdown; its own cost is a few perf_counter() calls per step.
 Machines are often shared: a sampler of /proc records the cores that
@@ -46,6 +46,7 @@ run first waits (up to --quiet-wait s) for them to fall below
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -65,6 +66,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from deqray.train.hooks import Hooks  # noqa: E402
 
 WORKLOADS = {
     "lm": {"config": "markov-tiny", "unit": "tokens"},
@@ -129,158 +132,87 @@ def worker_threads() -> dict:
 # --------------------------------------------------------------------------- #
 
 
-class _Probe:
-    """Per training iteration (from one batch request to the next): wall and part timings.
+class Probe(Hooks):
+    """The worker loop's hooks, timing each training iteration (from one batch request to
+    the next) and its parts, and stamping the worker's start-up and restore.
 
-    Only the outermost timed call counts, so that e.g. the info.metrics()
-    calls inside an evaluation are part of "evaluate", not "metrics".
+    Only the outermost timed phase counts, so that e.g. the solver statistics
+    inside an evaluation are part of "evaluate", not "metrics". Each worker
+    writes what it saw to <run>/_bench/ at the end of its loop.
     """
+
+    PARTS = {"tensorboard": "tb", "report": "ray_report", "gather": "gather_to_rank0"}
 
     def __init__(self):
         self.iters: list[dict] = []
         self.cur: dict | None = None
         self.depth = 0
-        self.info: dict = {"wall_enter": time.time()}
+        self.info: dict = {}
+        self.run_uri: str | None = None
 
-    def begin(self) -> None:
-        self.cur = {"t": time.perf_counter(), "wall": time.time()}
-        self.iters.append(self.cur)
+    def on_event(self, name: str, **info) -> None:
+        now = time.time()
+        if name == "start":
+            import ray.train
 
-    def add(self, key: str, seconds: float) -> None:
-        if self.cur is not None:
-            self.cur[key] = self.cur.get(key, 0.0) + seconds
+            ctx = ray.train.get_context()
+            self.run_uri = info["run_uri"]
+            self.info.update(
+                wall_enter=now,
+                wall_fn_start=now,
+                rank=ctx.get_world_rank(),
+                world=ctx.get_world_size(),
+                pid=os.getpid(),
+                torch_threads=torch.get_num_threads(),
+                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
+            )
+        elif name == "model_built":
+            self.info["wall_model_built"] = now
+        elif name == "model_prepared":
+            self.info["wall_model_prepared"] = now
+        elif name == "checkpoint_found":
+            self.info.setdefault("wall_got_checkpoint", now)
+            self.info["restored"] = info["restored"]
+        elif name == "restore_start":  # the checkpoint is a local directory now
+            self.info["wall_load_start"] = now
+        elif name == "restored":
+            self.info.update(restored_step=info["step"], wall_restored=now)
+        elif name == "data_end":  # no step: its time belongs to the step before
+            self.iters.pop()
+            self.cur = self.iters[-1] if self.iters else None
 
-    def timed(self, fn, key: str):
-        probe = self
-
-        def wrapper(*args, **kwargs):
-            if probe.depth:
-                return fn(*args, **kwargs)
-            probe.depth += 1
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                probe.depth -= 1
-                probe.add(key, time.perf_counter() - t)
-
-        return wrapper
-
-
-def _instrumented_loop(loop_config: dict):
-    """deqray's train_loop_per_worker with the probe's patches installed in this worker.
-
-    Every name patched is looked up at call time by loop.py (module globals,
-    class attributes, `ray.train.report`), so the loop itself runs unchanged.
-    """
-    entered = time.time()  # before deqray's imports: a restored worker pays for them
-    import ray.train
-    import ray.train.torch
-
-    import deqray.core.deq as deq_mod
-    import deqray.train.loop as L
-    import deqray.train.metrics as M
-
-    probe = _Probe()
-    probe.info["wall_fn_start"] = entered
-    saved: list[tuple] = []
-
-    def patch(owner, name, new):
-        saved.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, new)
-
-    orig_epoch = L.Batches.epoch
-
-    def epoch(self, skip):
-        it = orig_epoch(self, skip)
-        while True:
-            probe.begin()
-            t = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                probe.iters.pop()  # no step: its time belongs to the step before
-                probe.cur = probe.iters[-1] if probe.iters else None
-                return
-            probe.add("data", time.perf_counter() - t)
-            yield batch
-
-    orig_add = M.TrainStats.add
-
-    def stats_add(self, **kw):
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if name == "data":
+            self.cur = {"t": time.perf_counter(), "wall": time.time()}
+            self.iters.append(self.cur)
+        if self.depth:
+            yield
+            return
+        self.depth += 1
         t = time.perf_counter()
         try:
-            return orig_add(self, **kw)
+            yield
         finally:
-            probe.add("stats_add", time.perf_counter() - t)
-            if probe.cur is not None:
-                probe.cur["step_s"] = kw["seconds"]  # the loop's own step time
-                probe.cur["wall_step_end"] = time.time()
-                m = kw["info_metrics"]
-                probe.cur["fwd_nstep"] = m.get("fwd_nstep")
-                probe.cur["bwd_nstep"] = m.get("bwd_nstep")
+            self.depth -= 1
+            if self.cur is not None:
+                key = self.PARTS.get(name, name)
+                self.cur[key] = self.cur.get(key, 0.0) + time.perf_counter() - t
 
-    orig_metrics = deq_mod.DEQInfo.metrics
-    orig_load = L.load_state
+    def on_step(self, step: int, result, metrics: dict) -> None:
+        if self.cur is not None:
+            self.cur["step_s"] = result.seconds  # the loop's own step time
+            self.cur["wall_step_end"] = time.time()
+            self.cur["fwd_nstep"] = metrics.get("fwd_nstep")
+            self.cur["bwd_nstep"] = metrics.get("bwd_nstep")
 
-    def load_state(*args, **kwargs):
-        probe.info["wall_load_start"] = time.time()  # the checkpoint is a local directory now
-        progress, mine = orig_load(*args, **kwargs)
-        probe.info.update(restored_step=progress.step, wall_restored=time.time())
-        return progress, mine
-
-    orig_prepare = ray.train.torch.prepare_model
-
-    def prepare_model(*args, **kwargs):
-        probe.info["wall_model_built"] = time.time()
-        try:
-            return orig_prepare(*args, **kwargs)
-        finally:
-            probe.info["wall_model_prepared"] = time.time()
-
-    orig_get_checkpoint = ray.train.get_checkpoint
-
-    def get_checkpoint():
-        try:
-            return orig_get_checkpoint()
-        finally:
-            probe.info.setdefault("wall_got_checkpoint", time.time())
-
-    patch(ray.train.torch, "prepare_model", prepare_model)
-    patch(ray.train, "get_checkpoint", get_checkpoint)
-    patch(L.Batches, "epoch", epoch)
-    patch(M.TrainStats, "add", stats_add)
-    patch(deq_mod.DEQInfo, "metrics", probe.timed(orig_metrics, "metrics"))
-    patch(L, "load_state", load_state)
-    for name in ("evaluate", "gather_to_rank0", "save_state", "_append_metrics"):
-        patch(L, name, probe.timed(getattr(L, name), name.strip("_")))
-    patch(L, "_progress_line", probe.timed(L._progress_line, "progress_line"))
-    patch(M.TrainStats, "reduce", probe.timed(M.TrainStats.reduce, "stats_reduce"))
-    for name in ("scalars", "histograms", "flush"):
-        patch(M.TensorBoardWriter, name, probe.timed(getattr(M.TensorBoardWriter, name), "tb"))
-    patch(ray.train, "report", probe.timed(ray.train.report, "ray_report"))
-
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    probe.info.update(
-        rank=rank,
-        world=ctx.get_world_size(),
-        pid=os.getpid(),
-        torch_threads=torch.get_num_threads(),
-        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
-        restored=orig_get_checkpoint() is not None,
-    )
-    try:
-        return L.train_loop_per_worker(loop_config)
-    finally:
-        probe.info["end"] = time.perf_counter()
-        for owner, name, old in reversed(saved):
-            setattr(owner, name, old)
-        out = os.path.join(loop_config["run_uri"], PROBE_DIR)
+    def on_end(self) -> None:
+        self.info["end"] = time.perf_counter()
+        out = os.path.join(self.run_uri, PROBE_DIR)
         os.makedirs(out, exist_ok=True)
-        name = f"rank{rank}-{os.getpid()}-{time.time_ns()}.json"
+        name = f"rank{self.info['rank']}-{os.getpid()}-{time.time_ns()}.json"
         with open(os.path.join(out, name), "w") as fh:
-            json.dump({"info": probe.info, "iters": probe.iters}, fh)
+            json.dump({"info": self.info, "iters": self.iters}, fh)
 
 
 def read_probes(run_dir: str) -> list[dict]:
@@ -414,25 +346,19 @@ def wait_quiet(threshold: float, max_wait: float) -> dict:
 
 
 def ray_fit(config: str, overrides: list[str], workers: int, storage: str, verbose: bool):
-    """fit() with the probe as the worker loop; (result, run dir, driver seconds, CpuMeter)."""
-    import deqray.train.driver as driver
+    """fit() with the probe's hooks in every worker; (result, run dir, driver seconds, CpuMeter)."""
+    from deqray.train.driver import fit
 
     if __name__ != "__main__":
         # the workers cannot import this file: ship the probe by value, as for __main__
         from ray import cloudpickle
 
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    # trainer_for() reads the loop function from the driver module's globals
-    original = driver.train_loop_per_worker
-    driver.train_loop_per_worker = _instrumented_loop
     t = time.perf_counter()
-    try:
-        with CpuMeter() as meter:
-            result = driver.fit(
-                config, overrides, workers=workers, storage=storage, verbose=verbose
-            )
-    finally:
-        driver.train_loop_per_worker = original
+    with CpuMeter() as meter:
+        result = fit(
+            config, overrides, workers=workers, storage=storage, verbose=verbose, hooks=[Probe()]
+        )
     return result, result.path, time.perf_counter() - t, meter
 
 
@@ -536,11 +462,12 @@ def ray_summary(run_dir: str, win: dict[str, list[int]], items: int) -> dict:
 # --------------------------------------------------------------------------- #
 
 
-def plain_data(cfg, manifest, ctx):
-    """The batches the Ray loop trains on at 1 worker, as step -> (inputs, targets, new pass)."""
+def plain_data(workload: str, run):
+    """The batches the Ray loop trains on at 1 worker, as step -> (batch, new pass)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from deqray.data import load_manifest
     from deqray.data._fs import locate
 
     def read(uri, columns):
@@ -548,10 +475,13 @@ def plain_data(cfg, manifest, ctx):
         with loc.fs.open_input_file(loc.path) as fh:
             return pq.read_table(fh, columns=columns)
 
-    split = cfg.data.train_split
-    per_epoch = ctx["steps_per_epoch"]
-    B = ctx["batch_per_worker"]
-    if ctx["family"] == "lm":
+    manifest = load_manifest(run.plan.root)
+    split = run.train_split
+    per_epoch = run.steps_per_epoch
+    B = run.batching.batch_per_worker
+    if workload == "lm":
+        from deqray.data.lm import LMBatch
+
         col = manifest.meta.get("column", "token")
         tokens = np.concatenate(
             [read(u, [col]).column(0).to_numpy() for u in manifest.shard_uris(split)]
@@ -562,22 +492,28 @@ def plain_data(cfg, manifest, ctx):
         lane_len = (len(tokens) - 1) // B
         lanes = np.stack([tokens[b * lane_len : (b + 1) * lane_len + 1] for b in range(B)])
         lanes = torch.from_numpy(lanes)
-        T = ctx["tgt_len"]
+        T = run.plan.details.tgt_len
 
         def lm_batch(step):
             i = step % per_epoch
             n = min(T, lane_len - i * T)
             seg = lanes[:, i * T : i * T + n + 1]
-            return seg[:, :-1].contiguous(), seg[:, 1:].contiguous(), i == 0
+            x, y = seg[:, :-1].contiguous(), seg[:, 1:].contiguous()
+            return LMBatch(x, y, torch.arange(B) * lane_len + i * T), i == 0
 
         return lm_batch
 
     from deqray.data.vision import DecodeTransform, transform_options
 
     table = pa.concat_tables([read(u, ["image", "label"]) for u in manifest.shard_uris(split)])
-    # what the driver asks for when data.augment is false: the whole image, no flip
+    # what the task asks for when data.augment is false: the whole image, no flip
     opts = transform_options(
-        manifest, True, size=ctx["image_size"], scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0
+        manifest,
+        True,
+        size=run.plan.details.image_size,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        flip=0.0,
     )
     decoded = DecodeTransform(**opts)(
         {
@@ -590,33 +526,33 @@ def plain_data(cfg, manifest, ctx):
 
     def vision_batch(step):
         i = step % per_epoch
-        return images[i * B : (i + 1) * B], labels[i * B : (i + 1) * B], False
+        return (images[i * B : (i + 1) * B], labels[i * B : (i + 1) * B]), i == 0
 
     return vision_batch
 
 
-def plain_run(cfg, manifest, ctx, steps, threads, batches, deadline=None, root=None) -> dict:
-    """The loop one writes without Ray: forward, backward, clip, step, schedule; per-step walls.
+def plain_run(run, steps, threads, batches, deadline=None, root=None) -> dict:
+    """The loop one writes without Ray, calling deqray's own step function (forward, Jacobian
+    term, backward, clip, optimiser, schedule); per-step walls.
 
     deadline: stop after this many seconds (an oversubscribed machine can make
     a many-thread run crawl).
     """
-    from deqray.models import make_config
-    from deqray.train.state import jac_this_step, jac_weight, make_optimizer, make_scheduler
+    from deqray.train.state import make_optimizer, make_scheduler
+    from deqray.train.step import train_step
 
+    cfg = run.experiment
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         # the worker loop's seeding: the initial weights, then rank 0's stream
         torch.manual_seed(cfg.train.seed)
-        model = make_config(ctx["model"], where="model").build()
+        model = run.task.build_model(run)
         torch.manual_seed(cfg.train.seed * 1000 + 1)
         model.train()
         optimizer = make_optimizer(model.parameters(), cfg.optim)
-        scheduler = make_scheduler(optimizer, cfg.optim, ctx["total_steps"])
-        pretrain_steps = ctx["pretrain_steps"]
-        lm = ctx["family"] == "lm"
-        mems = None
+        scheduler = make_scheduler(optimizer, cfg.optim, run.total_steps)
+        state = None
         stamps, nsteps, bsteps = [], [], []
         with CpuMeter(root=root) as meter:
             start = time.perf_counter()
@@ -624,56 +560,38 @@ def plain_run(cfg, manifest, ctx, steps, threads, batches, deadline=None, root=N
                 stamps.append(time.perf_counter())
                 if deadline is not None and stamps[-1] - start > deadline:
                     break
-                x, y, new_pass = batches(step)
+                batch, new_pass = batches(step)
                 if new_pass:
-                    mems = None
-                pretrain = step < pretrain_steps
-                w = jac_weight(step, pretrain_steps, cfg)
-                want_jac = w > 0 and jac_this_step(step, cfg.train.seed, cfg.reg.jac_loss_freq)
-                if lm:
-                    out = model(x, y, mems, pretrain=pretrain, jac_loss=want_jac)
-                    loss, info, mems = out.loss, out.info, out.mems
-                else:
-                    logits, info = model(x, pretrain=pretrain, jac_loss=want_jac)
-                    loss = model.loss(logits, y)
-                total = loss.float()
-                if want_jac and info.jac_loss is not None:
-                    total = total + w * info.jac_loss.float()
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.optim.clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                    state = run.task.state_at_epoch_start()
+                r = train_step(run, model, optimizer, scheduler, batch, state, step=step)
+                state = r.state
                 # tensors only, no float() per step: the solver's work, compared afterwards
-                nsteps.append(info.nstep)
-                if info.backward.result is not None:
-                    bsteps.append(info.backward.result.nstep)
+                nsteps.append(r.info.nstep)
+                if r.info.backward.result is not None:
+                    bsteps.append(r.info.backward.result.nstep)
             else:
                 stamps.append(time.perf_counter())
         return {
             "iters": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
             "fwd_nstep": [float(n.float().mean()) for n in nsteps],
             "bwd_nstep": [float(n.float().mean()) for n in bsteps] or None,
-            "final_loss": float(loss.detach()),
+            "final_loss": r.loss,
             "cpu": meter.usage(),
         }
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _plain_child(config, overrides, steps, threads, deadline, root) -> dict:
+def _plain_child(workload, config, overrides, steps, threads, deadline, root) -> dict:
     from deqray.config import load_config
-    from deqray.train.driver import prepare_data, run_context
+    from deqray.train.context import plan_run
 
-    cfg = load_config(config, overrides)
-    manifest = prepare_data(cfg, verbose=False)  # generated already: only read
-    ctx = run_context(cfg, manifest)
-    batches = plain_data(cfg, manifest, ctx)
-    return plain_run(cfg, manifest, ctx, steps, threads, batches, deadline, root)
+    run = plan_run(load_config(config, overrides))  # the data was generated already: only read
+    batches = plain_data(workload, run)
+    return plain_run(run, steps, threads, batches, deadline, root)
 
 
-def plain_fresh(config, overrides, steps, threads, deadline=None) -> dict:
+def plain_fresh(workload, config, overrides, steps, threads, deadline=None) -> dict:
     """plain_run in a new Python process, as `python train.py` would run it.
 
     A Ray worker is a fresh process too; the driver, after minutes of Ray
@@ -682,8 +600,9 @@ def plain_fresh(config, overrides, steps, threads, deadline=None) -> dict:
     """
     import multiprocessing
 
+    args = (workload, config, overrides, steps, threads, deadline, os.getpid())
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_plain_child, (config, overrides, steps, threads, deadline, os.getpid()))
+        return pool.apply(_plain_child, args)
 
 
 def plain_summary(run: dict, win: dict[str, list[int]], items: int) -> dict:
@@ -717,19 +636,16 @@ def common_overrides(cache: str, steps: int) -> list[str]:
 
 def throughput_and_overhead(task: str, args, tmp: str, cache: str) -> dict:
     from deqray.config import load_config
-    from deqray.train.driver import prepare_data, read_metrics, run_context
+    from deqray.train.context import plan_run
+    from deqray.train.driver import read_metrics
 
     w = WORKLOADS[task]
     steps = args.lm_steps if task == "lm" else args.vision_steps
     over = common_overrides(cache, steps)
     cfg = load_config(w["config"], over)
-    manifest = prepare_data(cfg, verbose=False)
-    ctx = run_context(cfg, manifest)
-    per_epoch = {
-        n: run_context(cfg.with_overrides({"scaling.workers": n}), manifest)["steps_per_epoch"]
-        for n in (1, 2)
-    }
-    items = ctx["items_per_step"]
+    runs = {n: plan_run(cfg.with_overrides({"scaling.workers": n})) for n in (1, 2)}
+    per_epoch = {n: r.steps_per_epoch for n, r in runs.items()}
+    items = runs[1].plan.items_per_step
     lo, hi = args.warmup, steps - 1  # the last step evaluates and reports: left out
     out: dict = {
         "config": w["config"],
@@ -788,7 +704,7 @@ def throughput_and_overhead(task: str, args, tmp: str, cache: str) -> dict:
         a = ray_once(1)
         threads = a["torch_threads"]
         gate = wait_quiet(args.quiet_threshold, args.quiet_wait)
-        b = plain_summary(plain_fresh(w["config"], over, steps, threads), win1, items)
+        b = plain_summary(plain_fresh(task, w["config"], over, steps, threads), win1, items)
         b.update(gate=gate, torch_threads=threads)
         pair = {"repeat": rep, "ray": a, "plain": b}
         for name in win1:
@@ -820,7 +736,7 @@ def throughput_and_overhead(task: str, args, tmp: str, cache: str) -> dict:
         # the plain loop with every core: what one process could get from this machine
         cores = len(os.sched_getaffinity(0))
         gate = wait_quiet(args.quiet_threshold, args.quiet_wait)
-        run = plain_fresh(w["config"], over, steps, cores, deadline=args.plain_deadline)
+        run = plain_fresh(task, w["config"], over, steps, cores, deadline=args.plain_deadline)
         b = plain_summary(run, win1, items)
         b.update(torch_threads=cores, steps_run=len(run["iters"]), gate=gate)
         out["plain_all_cores"] = b
@@ -840,7 +756,7 @@ def _median_run(runs: list[dict]) -> dict:
 
 def resume(task: str, workers: int, args, tmp: str, cache: str) -> dict:
     """Kill rank 0 at step K; time from its death to the restored run's first step."""
-    from deqray.train.loop import METRICS_FILE
+    from deqray.train.files import METRICS_FILE
 
     w = WORKLOADS[task]
     K, E, S = args.fail_at, args.fail_every, args.fail_steps

@@ -4,12 +4,15 @@
     cfg = load_config("markov-tiny")            # a config shipped in deqray/configs
     cfg.to_dict() / Experiment.from_dict(d)     # what travels to Ray workers and sweeps
 
-Sections (each a dataclass below): model (a preset name and field
-overrides, validated by `deqray.models`), data, deq (overrides of the DEQ
-solver settings, validated by `DEQConfig`), reg (Jacobian regularisation),
-optim, train (the loop), scaling, checkpoint, logging, debug (test-only
-fault injection). Every key is checked on load: an unknown key or a wrong
-type fails with the file, the dotted key and the nearest valid key.
+`task` names what is learned (a shipped task or a user's, by import path;
+see `deqray.tasks`). Sections (each a dataclass below): model (checked by
+the task: for the shipped ones a preset name and field overrides, validated
+by `deqray.models`), data (the task's own section class, built on
+`DataSection`), deq (overrides of the DEQ solver settings, validated by
+`DEQConfig`), reg (Jacobian regularisation), optim, train (the loop),
+scaling, checkpoint, logging, debug (test-only fault injection). Every key
+is checked on load: an unknown key or a wrong type fails with the file, the
+dotted key and the nearest valid key.
 Overrides are `section.key=value` strings whose value is read as YAML
 (`optim.lr=1e-3`, `model.preset=mdeq-cifar-tiny`, `deq.f_solver=broyden`).
 """
@@ -24,14 +27,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from deqray.core._errors import suggest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-EMBEDDED = ("markov", "digits")  # data sets generated on first use (no download)
 
 
 class ConfigError(ValueError):
@@ -59,26 +61,19 @@ def _yaml(text: str) -> Any:
 
 
 @dataclass
-class Data:
-    # "markov" or "digits" (embedded: generated on first use, no download), or
-    # the directory / URI of a preprocessed data set (its manifest.json).
-    source: str = "markov"
+class DataSection:
+    """The `data:` keys every task has; a task's own section (its `data_section`)
+    subclasses this one with the keys of its data."""
+
+    owner: ClassVar[str] = ""  # the task whose section this is (named in errors)
+
+    # the directory / URI of a preprocessed data set (its manifest.json), or the
+    # name of one of the task's embedded sets (generated on first use, no download)
+    source: str = ""
     options: dict = field(default_factory=dict)  # the embedded generator's options
     cache: str | None = None  # where embedded sets go (default ~/.cache/deqray/data)
     train_split: str = "train"
-    eval_split: str | None = None  # default: "valid" for language, the non-train split for images
-    tgt_len: int | None = None  # language: segment length (default: the model's tgt_len)
-    eval_tgt_len: int | None = None  # language: evaluation segment length (default: tgt_len)
-    image_size: int | None = None  # images: training crop (default: the model's image_size)
-    augment: bool = True  # images: random-resized crop and flip on the training split
-    shuffle: bool = True  # images: random block order per epoch
-    # Same batches in the same order on every run (no shuffle or augmentation,
-    # ordered decoding): what bitwise resume checks need. Language data is
-    # always ordered.
-    deterministic: bool = False
-    decode_actors: int = 1  # images: Ray Data decode actors
-    decode_cpus: float = 0.25  # CPUs per decode actor
-    read_cpus: float = 0.25  # language: CPUs per piece read
+    eval_split: str | None = None  # default: the task's choice among the other splits
 
 
 @dataclass
@@ -168,8 +163,12 @@ class Debug:
 
 @dataclass
 class Experiment:
-    model: dict = field(default_factory=lambda: {"preset": "deq-transformer-tiny"})
-    data: Data = field(default_factory=Data)
+    # What is learned: a shipped task (language_model, image_classification,
+    # segmentation) or a user's by import path ("mypkg.tasks:FlowTask").
+    # None: the shipped task whose models include `model` (its preset's family).
+    task: str | None = None
+    model: dict = field(default_factory=dict)  # the task's model section ({}: its default)
+    data: DataSection = field(default_factory=DataSection)  # the task's own section class
     deq: dict = field(default_factory=dict)  # DEQConfig overrides (f_thres, b_solver, ...)
     reg: Regularization = field(default_factory=Regularization)
     optim: Optim = field(default_factory=Optim)
@@ -190,6 +189,8 @@ class Experiment:
         cls, data: dict, where: str = "config", overrides: dict | None = None
     ) -> Experiment:
         """A validated config from a mapping, with {dotted.key: value} overrides applied."""
+        from deqray.tasks.registry import task_for
+
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping at the top, got {type(data).__name__}")
         data = copy.deepcopy(data)
@@ -197,7 +198,11 @@ class Experiment:
         for key, value in (overrides or {}).items():
             _set_dotted(data, key, value, where)
             origin[key] = f"override {key}={value!r}"
-        cfg = _build(cls, data, (), where, origin)
+        task = task_for(data.get("task"), data.get("model"), origin.get("task", where))
+        # the data section's keys are the task's: build it with its class
+        if data.get("data") is None:
+            data["data"] = {}
+        cfg = _build(cls, data, (), where, origin, {"data": task.data_section})
         cfg.validate(where, origin)
         return cfg
 
@@ -209,19 +214,15 @@ class Experiment:
 
     # ---- derived ------------------------------------------------------------ #
 
+    def get_task(self):
+        """The `deqray.tasks.Task` this experiment trains."""
+        from deqray.tasks.registry import task_for
+
+        return task_for(self.task, self.model, self.source or "config")
+
     def model_config(self) -> Any:
-        """The model's config dataclass: the preset, its overrides and the deq section."""
-        from deqray.models import make_config
-
-        spec = dict(self.model)
-        cfg = make_config(spec, where="model")
-        if self.deq:
-            cfg = make_config(cfg, where="deq", deq=dict(self.deq))
-        return cfg
-
-    @property
-    def family(self) -> str:
-        return "lm" if type(self.model_config()).__name__ == "DEQTransformerConfig" else "vision"
+        """The task's model config: `model` and the `deq` section (before the data's sizes)."""
+        return self.get_task().model_config(self)
 
     def pretrain_steps(self) -> int:
         if self.train.pretrain_steps is not None:
@@ -239,14 +240,11 @@ class Experiment:
         def fail(key: str, message: str) -> None:
             raise ConfigError(f"{origin.get(key, where)}: {key}: {message}")
 
+        task = self.get_task()
         try:
-            from deqray.core import DEQConfig
-
-            if self.deq:  # alone first, so that errors name this section's keys
-                DEQConfig.build(
-                    {k: v for k, v in self.deq.items() if k != "pretrain_layers"}, where="deq"
-                )
-            model_cfg = self.model_config()
+            task.model_config(self)
+        except ConfigError as e:
+            raise ConfigError(_blame(str(e), origin, where)) from None
         except (ValueError, TypeError) as e:
             keys = [k for k in origin if k.startswith(("model", "deq"))]
             raise ConfigError(f"{origin.get(keys[0], where) if keys else where}: {e}") from None
@@ -315,22 +313,24 @@ class Experiment:
         name = self.checkpoint.name
         if name is not None and (not name or "/" in name or name in (".", "..")):
             fail("checkpoint.name", f"must be a plain directory name, got {name!r}")
-        lm = type(model_cfg).__name__ == "DEQTransformerConfig"
         d = self.data
-        if d.source in EMBEDDED:
-            want = "markov" if lm else "digits"
-            if d.source != want:
-                fail(
-                    "data.source",
-                    f"the embedded {d.source!r} set does not fit a "
-                    f"{'language' if lm else 'vision'} model; use {want!r}",
-                )
-        elif not d.source:
+        if not d.source:
             fail("data.source", "is empty")
-        for key in ("tgt_len", "eval_tgt_len", "image_size", "decode_actors"):
-            v = getattr(d, key)
-            if v is not None and v < 1:
-                fail(f"data.{key}", f"must be >= 1, got {v}")
+        try:
+            task.check(self)
+        except ConfigError as e:
+            raise ConfigError(_blame(str(e), origin, where)) from None
+
+
+def _blame(message: str, origin: dict, where: str) -> str:
+    """A task's "key: message" complaint, prefixed with the override or file that set the key."""
+    if message.startswith(f"{where}: ") or any(message.startswith(o) for o in origin.values()):
+        return message
+    key = message.split(":", 1)[0].strip()
+    for k, o in origin.items():
+        if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+            return f"{o}: {message}"
+    return f"{where}: {message}"
 
 
 # --------------------------------------------------------------------------- #
@@ -395,7 +395,32 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 # the typed conversion
 # --------------------------------------------------------------------------- #
 
-_FREE = {("model",), ("deq",), ("data", "options")}  # mappings checked elsewhere or free
+
+def parse_section(cls: type, data: Any, key: str, where: str | None = None) -> Any:
+    """Dataclass `cls` from the mapping `data` found at dotted `key` (e.g. a task's own
+    `model:` section), with the experiment's checks: unknown keys name the nearest
+    valid one, values must fit the field types. Errors start with `where`; without
+    it, with the key (the experiment's checks then name the file or override)."""
+    path = tuple(key.split(".")) if key else ()
+    try:
+        return _build(cls, {} if data is None else data, path, where or _NOWHERE, {})
+    except ConfigError as e:
+        text = str(e)
+        if where is None and text.startswith(_NOWHERE + ": "):
+            raise ConfigError(text[len(_NOWHERE) + 2 :]) from None
+        raise
+
+
+def check_value(value: Any, hint: Any, key: str) -> Any:
+    """`value` converted to the type `hint` (as a config field of that type would take it);
+    ConfigError "key: expected ..., got ..." when it does not fit."""
+    try:
+        return _convert(value, hint, key, _NOWHERE)
+    except ConfigError as e:
+        raise ConfigError(str(e)[len(_NOWHERE) + 2 :]) from None
+
+
+_NOWHERE = "\0"
 
 
 def _set_dotted(data: dict, key: str, value: Any, where: str) -> None:
@@ -413,7 +438,16 @@ def _set_dotted(data: dict, key: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, data: Any, path: tuple[str, ...], where: str, origin: dict) -> Any:
+def _build(
+    cls: type,
+    data: Any,
+    path: tuple[str, ...],
+    where: str,
+    origin: dict,
+    sections: dict[str, type] | None = None,
+) -> Any:
+    """`cls` from a mapping, every value checked against its type hint. `sections` gives
+    the class of a section whose hint is only a base class (the task's data section)."""
     dotted = ".".join(path) or "(top)"
 
     def src(key: str) -> str:
@@ -424,15 +458,17 @@ def _build(cls: type, data: Any, path: tuple[str, ...], where: str, origin: dict
 
     if not isinstance(data, dict):
         raise ConfigError(f"{src(dotted)}: {dotted}: expected a section (mapping), got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = {**typing.get_type_hints(cls), **(sections or {})}
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         full = ".".join((*path, str(key)))
         if key not in names:
+            owner = getattr(cls, "owner", None)  # a task's section names its task
             raise ConfigError(
                 f"{src(full)}: unknown key {full!r}{suggest(str(key), names)}; "
-                f"valid keys{' of ' + dotted if path else ''}: {', '.join(names)}"
+                f"valid keys{' of ' + dotted if path else ''}"
+                f"{f' (task {owner})' if owner else ''}: {', '.join(names)}"
             )
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
@@ -441,6 +477,8 @@ def _build(cls: type, data: Any, path: tuple[str, ...], where: str, origin: dict
             )
         else:
             kwargs[key] = _convert(value, hint, full, src(full))
+    for key, hint in (sections or {}).items():  # a section the mapping left out
+        kwargs.setdefault(key, hint())
     return cls(**kwargs)
 
 
@@ -485,6 +523,8 @@ def _convert(value: Any, hint: Any, key: str, where: str) -> Any:
             return [_convert(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
         if base is dict and isinstance(value, dict):
             return dict(value)
+        if base is tuple and isinstance(value, (list, tuple)):
+            return tuple(value)
     msg = f"{where}: {key}: expected {_type_name(hint)}, got {value!r}"
     lits = [a for o in options if typing.get_origin(o) is Literal for a in typing.get_args(o)]
     if lits and isinstance(value, str):
@@ -495,7 +535,7 @@ def _convert(value: Any, hint: Any, key: str, where: str) -> Any:
 __all__ = [
     "Checkpoint",
     "ConfigError",
-    "Data",
+    "DataSection",
     "Debug",
     "Experiment",
     "Logging",
@@ -505,6 +545,8 @@ __all__ = [
     "Train",
     "find_config",
     "load_config",
+    "check_value",
     "parse_overrides",
+    "parse_section",
     "shipped_configs",
 ]

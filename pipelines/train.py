@@ -33,9 +33,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _join_cluster(cfg) -> None:
     from deqray.data._ray import cluster_summary, connect, storage_warning
+    from deqray.tasks.registry import runtime_env_for
     from deqray.train.driver import storage_uri
 
-    connect()  # address="auto" where a cluster runs (a submitted job), local otherwise
+    # address="auto" where a cluster runs (a submitted job), local otherwise; a user
+    # task's package travels with the job (py_modules)
+    connect(runtime_env=runtime_env_for(cfg.task) or None)
     print(cluster_summary(), flush=True)
     warning = storage_warning(storage_uri(cfg))
     if warning:

@@ -31,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def join_cluster(study) -> None:
         from deqray.data._ray import cluster_summary, connect, storage_warning
+        from deqray.tasks.registry import runtime_env_for
         from deqray.tune.runner import LOCAL_RESOURCES, experiment_uri
 
         root, _ = experiment_uri(study, args.storage, args.name, args.resume)
-        connect(resources=LOCAL_RESOURCES)  # the resources only where Ray starts here
+        # the resources only where Ray starts here; a user task's package travels with the job
+        env = runtime_env_for(study.fixed.task) or None
+        connect(resources=LOCAL_RESOURCES, runtime_env=env)
         print(cluster_summary(), flush=True)
         warning = storage_warning(root)
         if warning:

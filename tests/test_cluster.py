@@ -164,3 +164,53 @@ def test_node_failure_mid_run_resumes_from_the_last_checkpoint_on_the_head(clust
     head = next(n for n, kind in nodes.items() if kind == "head")
     assert any(w["node_id"] == head for w in workers)
     assert cluster.alive() == 1
+
+
+def test_a_user_task_travels_with_the_job_to_a_worker_on_the_second_node(cluster, tmp_path):
+    """The example task, copied under a package name that exists nowhere else, reaches a
+    training worker on the second node through the job's working_dir alone."""
+    import shutil
+
+    project = tmp_path / "project"
+    (project / "userpkg").mkdir(parents=True)
+    shutil.copy(ROOT / "examples/deblur/task.py", project / "userpkg" / "deblur_task.py")
+    text = (ROOT / "examples/deblur/experiment.yaml").read_text()
+    text = text.replace("examples.deblur.task:DeblurTask", "userpkg.deblur_task:DeblurTask")
+    (project / "experiment.yaml").write_text(text)
+    node = cluster.add_node(2, cores="1" if TWO_CORES else None)
+    try:
+        nodes = _node_ids(cluster)
+        runs = tmp_path / "runs"
+        before = {w["actor_id"] for w in cluster.actors("RayTrainWorker")}
+        # a head CPU held: the worker (1.5 CPUs) can only start on the second node
+        with cluster.hold_head_cpus(1):
+            job_id, proc = cluster.submit(
+                [
+                    "python",
+                    "-m",
+                    "deqray.cli",
+                    "train",
+                    "experiment.yaml",
+                    "optim.steps=40",
+                    "train.eval_every=20",
+                    "train.pretrain_steps=10",
+                    "data.train_size=512",
+                    WORKER_CPUS,
+                    "--storage",
+                    str(runs),
+                    "--name",
+                    "user-task",
+                ],
+                working_dir=str(project),
+                timeout=600,
+            )
+            workers = [w for w in cluster.actors("RayTrainWorker") if w["actor_id"] not in before]
+        logs = proc.stdout + proc.stderr
+        assert proc.returncode == 0, logs[-6000:]
+        assert cluster.job_status(job_id) == "SUCCEEDED"
+        assert "(deblur)" in logs and "finished at step 40" in logs
+        assert [r["step"] for r in read_metrics(str(runs / "user-task"))] == [20, 40]
+        assert [nodes[w["node_id"]] for w in workers] == ["worker"]
+    finally:
+        cluster.kill(node)
+        cluster.wait_for_nodes(1, timeout=120)

@@ -69,12 +69,14 @@ def test_the_reference_recipes_are_shipped():
 
 
 @pytest.mark.parametrize("name", shipped_configs())
-def test_shipped_config_loads_with_the_family_its_name_implies(name):
+def test_shipped_config_loads_with_the_task_its_name_implies(name):
     cfg = load_config(name)
     assert Path(cfg.source) == CONFIG_DIR / f"{name}.yaml"
-    want = "lm" if name.startswith(("wt103", "markov")) else "vision"
+    want = "language_model" if name.startswith(("wt103", "markov")) else "image_classification"
     assert name.startswith(("wt103", "markov", "cifar", "imagenet", "digits")), name
-    assert cfg.family == want
+    assert cfg.task == want and cfg.get_task().name == want
+    # without the task key, the model's preset implies the same task
+    assert Experiment.from_dict({**cfg.to_dict(), "task": None}).get_task().name == want
     # the same file read by path gives the same config
     assert load_config(CONFIG_DIR / f"{name}.yaml") == cfg
     # and it survives the trip to a Ray worker
@@ -246,9 +248,12 @@ def test_with_overrides_dict_and_list():
     assert a.deq["b_thres"] == 25 and a.model_config().deq_config().eval_f_thres == 24
     # the original is untouched
     assert cfg.optim.lr == 0.002 and cfg.deq["f_thres"] == 20 and "d_model" not in cfg.model
-    # a whole new model preset switches the family (and its embedded data)
-    v = cfg.with_overrides(["model.preset=mdeq-cifar-tiny", "data.source=digits"])
-    assert v.family == "vision"
+    # a model of another task does not fit the language model's task
+    with pytest.raises(ConfigError, match="task 'language_model' trains deq_transformer"):
+        cfg.with_overrides(["model.preset=mdeq-cifar-tiny"])
+    # nor do its data keys fit another task's data section
+    with pytest.raises(ConfigError, match=r"data.tgt_len.*\(task image_classification\)"):
+        cfg.with_overrides(["task=image_classification", "model.preset=mdeq-cifar-tiny"])
 
 
 def test_load_config_overrides_match_with_overrides():

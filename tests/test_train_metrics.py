@@ -1,5 +1,9 @@
 """Training / evaluation metrics and the TensorBoard writer, against independent oracles.
 
+The shipped tasks' evaluations run through `deqray.train.evaluation.evaluate`
+on canned models (fixed logits, no solve), so the reductions and each task's
+metrics are checked against numpy / scikit-learn on the same numbers.
+
 The two-rank test runs real torch.distributed (gloo, FileStore rendezvous in a
 tmp dir: no ports) in two spawned processes; no Ray. The spawned processes
 import this module, so sklearn and tensorboard are imported inside the tests
@@ -15,18 +19,17 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from deqray.train.metrics import (
-    EvalStats,
-    TensorBoardWriter,
-    TrainStats,
-    confusion_matrix,
-    miou,
-    tag_for,
-)
+from deqray.tasks.image_classification import ImageClassification
+from deqray.tasks.language_model import LanguageModel
+from deqray.tasks.segmentation import Segmentation, confusion_matrix, miou
+from deqray.train.evaluation import evaluate
+from deqray.train.reduce import EvalSums, TrainStats
+from deqray.train.tensorboard import TensorBoardWriter, tag_for
 
 
-def same(a: dict, b: dict, rel=1e-9) -> bool:
+def same(a: dict, b: dict, rel=1e-6) -> bool:
     """Dict equality with float tolerance where NaN equals NaN."""
     if sorted(a) != sorted(b):
         return False
@@ -138,6 +141,53 @@ def test_train_stats_histograms_keep_most_recent():
     assert st.histograms() == {}
 
 
+# ------------------------------------------------------------- canned models
+
+
+class _Info:
+    def __init__(self, metrics: dict[str, float]) -> None:
+        self._m = metrics
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self._m)
+
+
+class Canned(nn.Module):
+    """An image model that returns the given logits, batch after batch (and solver metrics)."""
+
+    def __init__(self, outputs, ignore_index: int = 255) -> None:
+        super().__init__()
+        self.outputs = list(outputs)
+        self.config = type("Config", (), {"ignore_index": ignore_index})()
+
+    def forward(self, images, sradius=False):
+        logits, metrics = self.outputs.pop(0)
+        return logits, (_Info(metrics) if metrics else None)
+
+    def loss(self, logits, labels):
+        return nn.functional.cross_entropy(logits, labels, ignore_index=self.config.ignore_index)
+
+
+class CannedLM(nn.Module):
+    """A language model that returns the given per-token NLL and checks the memory it gets."""
+
+    def __init__(self, nlls) -> None:
+        super().__init__()
+        self.nlls = list(nlls)
+        self.seen: list = []
+
+    def forward(self, tokens, targets, mems, sradius=False):
+        self.seen.append(mems)
+        nll = self.nlls.pop(0)
+        out = type("Out", (), {})()
+        out.nll, out.info, out.mems = nll, None, (torch.full((1,), len(self.seen)),)
+        return out
+
+
+def _images(logits):
+    return torch.zeros(logits.shape[0], 1, 1, 1)
+
+
 # ------------------------------------------------------------- two real ranks
 
 C_SEG = 4
@@ -172,14 +222,14 @@ def _rank_data(rank: int) -> dict:
     seg_labels[0, 0, :3] = 255
     cls_logits = torch.randn(7, 6, generator=g)
     cls_labels = torch.randint(0, 6, (7,), generator=g)
+    nll = torch.rand(2, 5, generator=g) * (rank + 1)
     return dict(
         steps=steps,
         seg_logits=seg_logits,
         seg_labels=seg_labels,
         cls_logits=cls_logits,
         cls_labels=cls_labels,
-        nll=float(3 + rank),
-        tokens=10 * (rank + 1),
+        nll=nll,
     )
 
 
@@ -187,29 +237,34 @@ def _rank_results(rank: int, data: dict) -> dict:
     st = TrainStats()
     for s in data["steps"]:
         st.add(**s)
-    seg = EvalStats("segmentation", num_classes=C_SEG)
-    seg.add_segmentation(
-        data["seg_logits"],
-        data["seg_labels"],
-        loss_sum=2.0 + rank,
-        pixels=int((data["seg_labels"] != 255).sum()),
-    )
-    seg_one = EvalStats("segmentation")  # rank 1 has no batch and never learns C
-    if rank == 0:
-        seg_one.add_segmentation(data["seg_logits"], data["seg_labels"], 1.0, 10)
-    cls = EvalStats("classification")
-    cls.add_classification(data["cls_logits"], data["cls_labels"], loss_sum=1.5)
-    cls.add_solver({"fwd_nstep": 10.0 * (rank + 1), "fwd_rel_residual_max": 0.1 + rank})
+    seg_model = Canned([(data["seg_logits"], None)])
+    seg_batches = [(_images(data["seg_logits"]), data["seg_labels"])]
+    # rank 1 has no batch at all: its sums (and confusion matrix) count as zeros
+    one_model = Canned([(data["seg_logits"], None)])
+    one_batches = [(_images(data["seg_logits"]), data["seg_labels"])] if rank == 0 else []
+    cls_out = [
+        (data["cls_logits"], {"fwd_nstep": 10.0 * (rank + 1), "fwd_rel_residual_max": 0.1 + rank})
+    ]
     if rank == 0:  # solver means weigh each batch, not each rank: (10 + 40 + 20) / 3
-        cls.add_solver({"fwd_nstep": 40.0, "fwd_rel_residual_max": 0.2})
-    lm = EvalStats("lm")
-    lm.add_lm(data["nll"], data["tokens"])
+        cls_out.insert(
+            0, (data["cls_logits"][:3], {"fwd_nstep": 40.0, "fwd_rel_residual_max": 0.2})
+        )
+    cls_batches = [
+        (_images(lg), lab)
+        for (lg, _), lab in zip(
+            cls_out,
+            ([data["cls_labels"][:3]] if rank == 0 else []) + [data["cls_labels"]],
+            strict=True,
+        )
+    ]
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    lm_batches = [type("B", (), {"tokens": tokens, "targets": tokens})()]
     return dict(
         train=st.reduce(),
-        seg=seg.reduce(),
-        seg_one=seg_one.reduce(),
-        cls=cls.reduce(),
-        lm=lm.reduce(),
+        seg=evaluate(Segmentation(), seg_model, seg_batches),
+        seg_one=evaluate(Segmentation(), one_model, one_batches),
+        cls=evaluate(ImageClassification(), Canned(cls_out), cls_batches),
+        lm=evaluate(LanguageModel(), CannedLM([data["nll"]]), lm_batches),
     )
 
 
@@ -277,38 +332,49 @@ def test_two_ranks_gloo_agree_with_oracle(tmp_path):
     keep = target != 255
     conf = sk_confusion_matrix(target[keep], pred[keep], labels=list(range(C_SEG)))
     pixels = int(keep.sum())
+    ce = sum(
+        float(nn.functional.cross_entropy(d["seg_logits"], d["seg_labels"], ignore_index=255))
+        * int((d["seg_labels"] != 255).sum())
+        for d in data
+    )
+    seg = outs[0]["seg"]
+    per_class = {k: v for k, v in seg.items() if k.startswith("val_iou_")}
     assert same(
-        outs[0]["seg"],
+        {k: v for k, v in seg.items() if k not in per_class},
         {
-            "val_loss": 5.0 / pixels,
+            "val_loss": ce / pixels,
             "val_pixels": pixels,
             "val_miou": _iou_oracle(pred, target),
             "val_pixel_acc": np.trace(conf) / conf.sum(),
         },
     )
+    iou = np.diag(conf) / (conf.sum(0) + conf.sum(1) - np.diag(conf))
+    assert same(per_class, {f"val_iou_{c}": iou[c] for c in range(C_SEG)})
     p0, t0 = data[0]["seg_logits"].argmax(1).flatten().numpy(), data[0]["seg_labels"].flatten()
     assert outs[0]["seg_one"]["val_miou"] == pytest.approx(_iou_oracle(p0, t0.numpy()))
 
-    logits = torch.cat([d["cls_logits"] for d in data]).numpy()
-    labels = torch.cat([d["cls_labels"] for d in data]).numpy()
-    top5 = np.argsort(-logits, axis=1)[:, :5]
+    logits = torch.cat([data[0]["cls_logits"][:3], data[0]["cls_logits"], data[1]["cls_logits"]])
+    labels = torch.cat([data[0]["cls_labels"][:3], data[0]["cls_labels"], data[1]["cls_labels"]])
+    top5 = np.argsort(-logits.numpy(), axis=1)[:, :5]
     assert same(
         outs[0]["cls"],
         {
-            "val_loss": 3.0 / 14,
-            "val_images": 14.0,
-            "val_acc": np.mean(logits.argmax(1) == labels),
-            "val_top5": np.mean([lab in row for lab, row in zip(labels, top5, strict=True)]),
+            "val_loss": float(nn.functional.cross_entropy(logits.double(), labels)),
+            "val_images": 17.0,
+            "val_acc": np.mean(logits.numpy().argmax(1) == labels.numpy()),
+            "val_top5": np.mean([int(lab) in row for lab, row in zip(labels, top5, strict=True)]),
             "val_fwd_nstep": 70.0 / 3,
             "val_fwd_rel_residual_max": 1.1,
         },
     )
+    nll = torch.cat([d["nll"].flatten() for d in data]).double()
     assert same(
-        outs[0]["lm"], {"val_loss": 7.0 / 30, "val_ppl": math.exp(7.0 / 30), "val_tokens": 30.0}
+        outs[0]["lm"],
+        {"val_loss": float(nll.mean()), "val_ppl": math.exp(nll.mean()), "val_tokens": 20.0},
     )
 
 
-# ------------------------------------------------------------------ EvalStats
+# ------------------------------------------------------------ task evaluations
 
 
 def _iou_oracle(pred: np.ndarray, target: np.ndarray, ignore: int = 255) -> float:
@@ -322,29 +388,43 @@ def _iou_oracle(pred: np.ndarray, target: np.ndarray, ignore: int = 255) -> floa
     return float(np.mean(ious))
 
 
-def test_lm_perplexity_and_overflow():
-    ev = EvalStats("lm")
-    ev.add_lm(nll_sum=30.0, tokens=10)
-    ev.add_lm(nll_sum=12.0, tokens=20)
-    assert same(ev.reduce(), {"val_loss": 1.4, "val_ppl": math.exp(1.4), "val_tokens": 30})
-    ev.reset()
-    ev.add_lm(nll_sum=800.0, tokens=1)
-    assert ev.reduce()["val_ppl"] == math.inf
+def _lm_batches(*shapes):
+    out = []
+    for shape in shapes:
+        tokens = torch.zeros(shape, dtype=torch.long)
+        out.append(type("B", (), {"tokens": tokens, "targets": tokens})())
+    return out
+
+
+def test_lm_perplexity_memory_and_overflow():
+    nlls = [torch.full((2, 5), 3.0), torch.full((4, 5), 0.6)]
+    model = CannedLM(nlls)
+    out = evaluate(LanguageModel(), model, _lm_batches((2, 5), (4, 5)))
+    assert same(out, {"val_loss": 1.4, "val_ppl": math.exp(1.4), "val_tokens": 30})
+    # the first batch starts without memory; the next gets the memory it returned
+    assert model.seen[0] is None and model.seen[1][0].item() == 1
+    big = evaluate(LanguageModel(), CannedLM([torch.full((1, 1), 800.0)]), _lm_batches((1, 1)))
+    assert big["val_ppl"] == math.inf
+    # no token at all: only the count, no NaN metrics
+    assert evaluate(LanguageModel(), CannedLM([]), []) == {"val_tokens": 0.0}
 
 
 def test_classification_against_numpy():
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(37, 10, generator=g), torch.randint(0, 10, (37,), generator=g)
-    ev = EvalStats("classification", num_classes=10)
-    for chunk in (slice(0, 16), slice(16, 37)):
-        ev.add_classification(logits[chunk], labels[chunk], loss_sum=float(chunk.stop))
-    ev.add_solver({"fwd_nstep": 10.0, "fwd_rel_residual_max": 0.5, "sradius": 0.9})
-    ev.add_solver({"fwd_nstep": 20.0, "fwd_rel_residual_max": 0.2})
+    outputs = [
+        (logits[:16], {"fwd_nstep": 10.0, "fwd_rel_residual_max": 0.5, "sradius": 0.9}),
+        (logits[16:], {"fwd_nstep": 20.0, "fwd_rel_residual_max": 0.2}),
+    ]
+    batches = [(_images(logits[:16]), labels[:16]), (_images(logits[16:]), labels[16:])]
+    model = Canned(outputs)
+    model.train()
+    out = evaluate(ImageClassification(), model, batches)
+    assert model.training  # the evaluation restores the mode it found
     lg, lb = logits.numpy(), labels.numpy()
     top5 = np.argsort(-lg, axis=1)[:, :5]
-    out = ev.reduce()
     expected = {
-        "val_loss": 53 / 37,
+        "val_loss": float(nn.functional.cross_entropy(logits, labels)),
         "val_images": 37,
         "val_acc": np.mean(lg.argmax(1) == lb),
         "val_top5": np.mean([lb[i] in top5[i] for i in range(37)]),
@@ -355,15 +435,30 @@ def test_classification_against_numpy():
     assert same(out, expected)
     assert 0 < out["val_acc"] < out["val_top5"] < 1  # the oracle is not trivially 0 or 1
 
-    small = EvalStats("classification")
-    small.add_classification(torch.eye(3), torch.tensor([0, 1, 0]), loss_sum=0.0)
-    assert same(small.reduce(), {"val_loss": 0.0, "val_images": 3, "val_acc": 2 / 3})
-    with pytest.raises(ValueError, match="logits have 4 classes, expected num_classes=3"):
-        small.add_classification(torch.zeros(2, 4), torch.tensor([0, 1]), 0.0)
-    with pytest.raises(ValueError, match="add_lm called on an EvalStats for task"):
-        small.add_lm(1.0, 1)
-    with pytest.raises(ValueError, match="task must be one of"):
-        EvalStats("detection")
+    # fewer than 5 classes: no top-5
+    small = evaluate(
+        ImageClassification(),
+        Canned([(torch.eye(3) * 50, None)]),
+        [(_images(torch.eye(3)), torch.tensor([0, 1, 0]))],
+    )
+    assert set(small) == {"val_loss", "val_images", "val_acc"}
+    assert small["val_acc"] == pytest.approx(2 / 3) and small["val_images"] == 3
+
+
+def test_eval_sums_refuse_tensors_of_two_shapes():
+    class TwoRanks:  # what all_gather_object would hand back from two disagreeing ranks
+        world_size = 2
+
+        def all_gather_object(self, obj):
+            return [obj, (obj[0], obj[1], {"confusion": (3, 3)})]
+
+        def all_reduce(self, t, op):
+            return t
+
+    sums = EvalSums()
+    sums.add({"confusion": torch.zeros(2, 2), "pixels": 4})
+    with pytest.raises(ValueError, match="disagree on the shape of summed tensor 'confusion'"):
+        sums.reduce(TwoRanks())
 
 
 def test_segmentation_against_sklearn_and_sets():
@@ -376,27 +471,31 @@ def test_segmentation_against_sklearn_and_sets():
     labels = torch.randint(0, 4, (3, 8, 7), generator=g)
     labels[:, :2, :] = 255
     logits[:, 1, :2, :] = 1e9  # ignored pixels predicted as 1: must not count
-    ev = EvalStats("segmentation", num_classes=c)
-    ev.add_segmentation(logits[:2], labels[:2], loss_sum=4.0, pixels=int((labels[:2] != 255).sum()))
-    ev.add_segmentation(logits[2:], labels[2:], loss_sum=2.0, pixels=int((labels[2:] != 255).sum()))
-    out = ev.reduce()
+    model = Canned([(logits[:2], None), (logits[2:], None)])
+    batches = [(_images(logits[:2]), labels[:2]), (_images(logits[2:]), labels[2:])]
+    out = evaluate(Segmentation(), model, batches)
 
     pred, target = logits.argmax(1).flatten().numpy(), labels.flatten().numpy()
     keep = target != 255
     oracle = sk_confusion_matrix(target[keep], pred[keep], labels=list(range(c)))
-    assert ev.confusion.tolist() == oracle.tolist()
     assert confusion_matrix(logits.argmax(1), labels, c).tolist() == oracle.tolist()
+    ce = sum(
+        float(nn.functional.cross_entropy(lg, lab, ignore_index=255)) * int((lab != 255).sum())
+        for lg, lab in ((logits[:2], labels[:2]), (logits[2:], labels[2:]))
+    )
     assert same(
-        out,
+        {k: v for k, v in out.items() if not k.startswith("val_iou_")},
         {
-            "val_loss": 6.0 / keep.sum(),
+            "val_loss": ce / keep.sum(),
             "val_pixels": keep.sum(),
             "val_pixel_acc": np.mean(pred[keep] == target[keep]),
             "val_miou": _iou_oracle(pred, target),
         },
     )
+    assert math.isnan(out["val_iou_4"])  # absent from both: no IoU, not 0
     per_class = np.diag(oracle) / (oracle.sum(0) + oracle.sum(1) - np.diag(oracle) + 1e-300)
     assert out["val_miou"] != pytest.approx(per_class.mean())  # class 4 was really left out
+    assert [out[f"val_iou_{k}"] for k in range(4)] == pytest.approx(per_class[:4].tolist())
 
 
 def test_miou_hand_computed_and_errors():

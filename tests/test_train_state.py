@@ -367,7 +367,7 @@ def test_checkpoint_round_trip(tmp_path):
         rngs.append(rng_state())
         draws.append(draw())
     mems = [tuple(torch.randn(3, 2, 4) for _ in range(2)) for _ in range(2)]
-    per_rank = [{"rng": rngs[r], "mems": mems[r]} for r in range(2)]
+    per_rank = [{"rng": rngs[r], "state": mems[r]} for r in range(2)]
     config = {"optim": dataclasses.asdict(OPTIM)}
     save_state(
         str(tmp_path),
@@ -396,8 +396,8 @@ def test_checkpoint_round_trip(tmp_path):
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     assert sched2.last_epoch == sched.last_epoch == 3
     assert got_progress == progress
-    assert len(mine["mems"]) == 2
-    for a, b in zip(mine["mems"], mems[1], strict=True):
+    assert len(mine["state"]) == 2
+    for a, b in zip(mine["state"], mems[1], strict=True):
         assert torch.equal(a, b)
 
     # rank 1's RNG streams continue where they were when its state was taken
@@ -412,7 +412,7 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_checkpoint_rank_zero_and_no_mems(tmp_path):
+def test_checkpoint_rank_zero_and_no_task_state(tmp_path):
     model, opt, sched = fresh(0)
     train_step(model, opt, sched, 0)
     save_state(
@@ -421,7 +421,7 @@ def test_checkpoint_rank_zero_and_no_mems(tmp_path):
         optimizer=opt,
         scheduler=sched,
         progress=Progress(step=1),
-        per_rank=[{"rng": rng_state(), "mems": None}],
+        per_rank=[{"rng": rng_state(), "state": None}],
         config={},
     )
     model2, opt2, sched2 = fresh(1)
@@ -429,7 +429,7 @@ def test_checkpoint_rank_zero_and_no_mems(tmp_path):
         str(tmp_path), model=Wrapped(model2), optimizer=opt2, scheduler=sched2, rank=0, device="cpu"
     )
     assert progress == Progress(step=1)
-    assert mine["mems"] is None
+    assert mine["state"] is None
     assert torch.equal(model2[0].weight, model[0].weight)
 
 
@@ -442,7 +442,7 @@ def test_checkpoint_from_fewer_workers_fails_clearly(tmp_path):
         optimizer=opt,
         scheduler=sched,
         progress=Progress(step=1),
-        per_rank=[{"rng": rng_state(), "mems": None} for _ in range(2)],
+        per_rank=[{"rng": rng_state(), "state": None} for _ in range(2)],
         config={},
     )
     model2, opt2, sched2 = fresh(1)
@@ -452,3 +452,33 @@ def test_checkpoint_from_fewer_workers_fails_clearly(tmp_path):
         )
     message = str(e.value)
     assert "2 workers" in message and "rank 2" in message and str(tmp_path) in message
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a planted checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    from deqray.train.state import CheckpointError
+
+    marker = tmp_path / "ran"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"model": {}, "progress": _RunsCode(str(marker))}, ckpt / STATE_FILE)
+    model, opt, sched = fresh(0)
+    with pytest.raises(CheckpointError) as e:
+        load_state(str(ckpt), model=model, optimizer=opt, scheduler=sched, rank=0, device="cpu")
+    message = str(e.value)
+    assert str(ckpt / STATE_FILE) in message and "refused" in message
+    assert "posix.system" in message or "os.system" in message  # names what it would call
+    assert not marker.exists()  # nothing ran
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_state(str(tmp_path), model=model, optimizer=opt, scheduler=sched, rank=0, device="cpu")

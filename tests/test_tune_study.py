@@ -15,7 +15,6 @@ import yaml
 
 from deqray.config import ConfigError
 from deqray.tune.study import (
-    KNOWN_METRICS,
     Param,
     Study,
     load_study,
@@ -167,9 +166,9 @@ INVALID = [
         ["objectives.val_pplx", "did you mean 'val_ppl'"],
     ),
     (
-        "objective of another family",
+        "objective of another task",
         changed(objectives={"val_acc": "max"}),
-        ["objectives.val_acc", "classification models only", "language model"],
+        ["objectives.val_acc", "task 'language_model' reports val_ppl, val_loss, val_tokens"],
     ),
     ("bad direction", changed(objectives={"val_ppl": "down"}), ["objectives.val_ppl", "min"]),
     ("no objectives", changed(objectives={}), ["objectives"]),
@@ -500,8 +499,14 @@ def test_not_yaml_and_not_a_mapping(tmp_path):
         load_study("quickstar")
 
 
-def test_known_metrics_fit_families(tmp_path):
-    assert KNOWN_METRICS["val_ppl"] == "lm" and KNOWN_METRICS["val_acc"] == "classification"
+def test_objectives_are_the_metrics_the_task_declares(tmp_path):
+    from deqray.config import load_config
+    from deqray.train.report import report_metrics
+
+    lm = report_metrics(load_config("markov-tiny"))
+    assert {"val_ppl", "val_loss", "val_tokens", "fwd_nstep", "val_fwd_nstep"} <= set(lm)
+    assert "val_acc" not in lm
+    assert {"val_acc", "val_top5"} <= set(report_metrics(load_config("digits-tiny")))
     vision = changed(
         base="digits-tiny",
         overrides={"optim.steps": 60},
@@ -513,7 +518,7 @@ def test_known_metrics_fit_families(tmp_path):
     )
     assert s.directions() == ["maximize", "minimize"] and s.is_multi_objective
     with pytest.raises(
-        ConfigError, match="objectives.val_ppl: val_ppl is reported by language models only"
+        ConfigError, match="objectives.val_ppl: unknown metric 'val_ppl'.*'image_classification'"
     ):
         load_study(write(tmp_path, {**vision, "objectives": {"val_ppl": "min"}}))
 

@@ -1,8 +1,10 @@
-"""deqray.train: DEQ training on Ray Train (`fit`), from one experiment config.
+"""deqray.train: DEQ training on Ray Train (`fit`), for any task, from one experiment config.
 
-`fit(config, overrides, workers=..., storage=..., name=...)` returns Ray's
-`Result`; the worker loop is `deqray.train.loop.train_loop_per_worker`.
-Ray is imported when a run starts, not on `import deqray.train`.
+`fit(config, overrides, workers=..., storage=..., name=..., hooks=...)` returns
+Ray's `Result`. The parts, each usable alone: `context.plan_run` (the typed
+run context), `step.train_step` and `evaluation.evaluate` (plain PyTorch, no
+Ray), `worker.train_loop_per_worker` (the Ray worker function), `hooks`
+(instrumentation). Ray is imported when a run starts, not on `import deqray.train`.
 """
 
 from __future__ import annotations

@@ -2,15 +2,22 @@
 
 A checkpoint is one directory with `state.pt` (written by rank 0):
 model, optimiser and scheduler state, the step, the data position (epoch
-and batches read in it), the Transformer-XL memory and RNG states of every
-rank (gathered to rank 0, so that each rank gets its own back), divergence
-counters, and the config it was trained with. Restoring all of it is what
-makes a resumed run continue the same trajectory.
+and batches read in it), the task's state (e.g. Transformer-XL memory) and
+RNG states of every rank (gathered to rank 0, so that each rank gets its own
+back), divergence counters, and the config it was trained with. Restoring
+all of it is what makes a resumed run continue the same trajectory.
+
+Checkpoints hold tensors and plain Python values only (the numpy RNG state
+is stored as a tensor), and are read with `torch.load(weights_only=True)`:
+a checkpoint from someone else's bucket cannot run code when it is loaded.
+One that would need to (a pickle with a callable in it) is refused with
+`CheckpointError`, naming the file.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +29,10 @@ from torch import nn
 from deqray.config import Experiment, Optim
 
 STATE_FILE = "state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
 
 
 def make_optimizer(params, o: Optim) -> torch.optim.Optimizer:
@@ -77,9 +88,17 @@ def jac_this_step(step: int, seed: int, freq: float) -> bool:
 
 
 def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # a tensor and plain values instead of numpy objects: loadable with weights_only
+        "numpy": (
+            str(kind),
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -89,7 +108,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(
+        (kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss)
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -121,6 +143,19 @@ def gather_to_rank0(obj: Any) -> list[Any] | None:
     return out
 
 
+def to_device(value: Any, device: Any) -> Any:
+    """A task's state on `device`: tensors moved, tuples / lists / dicts rebuilt as plain ones
+    (a NamedTuple becomes a tuple: what a weights-only checkpoint can hold)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        items = [to_device(v, device) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
 def save_state(
     path: str,
     *,
@@ -132,38 +167,53 @@ def save_state(
     config: dict,
 ) -> None:
     """Write state.pt into the directory `path` (rank 0)."""
-    import os
-
     torch.save(
         {
             "model": unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "progress": progress.__dict__,
-            "per_rank": per_rank,  # [{"rng": ..., "mems": ...}] by rank
+            "progress": dict(progress.__dict__),
+            "per_rank": per_rank,  # [{"rng": ..., "state": ...}] by rank
             "config": config,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         },
         os.path.join(path, STATE_FILE),
     )
 
 
+def read_state(path: str) -> dict:
+    """The contents of `<path>/state.pt`, loaded without running code (weights_only)."""
+    import pickle
+
+    file = os.path.join(path, STATE_FILE)
+    if not os.path.exists(file):
+        raise CheckpointError(f"{file}: no such checkpoint file")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [x.strip() for x in str(e).splitlines() if "WeightsUnpickler error" in x]
+        why = lines[0].split(":", 1)[1].split(". Please use")[0].strip() if lines else str(e)
+        raise CheckpointError(
+            f"{file}: refused: loading it would run code or build objects that a deqray "
+            f"checkpoint never holds (torch.load with weights_only=True: {why})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable checkpoint ({e})") from None
+
+
 def load_state(path: str, *, model: nn.Module, optimizer, scheduler, rank: int, device):
     """Restore from the checkpoint directory `path`; returns (Progress, this rank's extras)."""
-    import os
-
-    blob = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    blob = read_state(path)
     unwrap(model).load_state_dict(blob["model"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     progress = Progress(**blob["progress"])
     per_rank = blob["per_rank"]
     if rank >= len(per_rank):
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {path} was written by {len(per_rank)} workers; rank {rank} has no state "
             "in it (resume with the same number of workers)"
         )
-    mine = per_rank[rank]
-    if mine.get("mems") is not None:
-        mine["mems"] = tuple(t.to(device) for t in mine["mems"])
+    mine = dict(per_rank[rank])
+    mine["state"] = to_device(mine.get("state"), device)
     return progress, mine

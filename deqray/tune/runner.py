@@ -231,7 +231,8 @@ def run_study(
 ) -> StudyResult:
     """Run (or resume) a study; returns the trials, the front and where everything is."""
     from deqray.data._ray import connect
-    from deqray.train.driver import prepare_data, run_context
+    from deqray.tasks.registry import runtime_env_for
+    from deqray.train.context import plan_run
 
     exp_root, study_name = experiment_uri(study, storage, name, resume)
     exp_uri = exp_root.rstrip("/") + "/" + study_name
@@ -245,13 +246,13 @@ def run_study(
         raise ConfigError(
             f"{exp_uri} holds a study already: pass --resume to continue it, or another --name"
         )
-    connect(resources=LOCAL_RESOURCES)
+    base = study.experiment({})
+    connect(resources=LOCAL_RESOURCES, runtime_env=runtime_env_for(base.task) or None)
     # The data once, here: an embedded set is generated before trials race for
     # it, and epochs become steps for ASHA's max_t.
-    base = study.experiment({})
-    ctx = run_context(base, prepare_data(base, verbose))
+    run = plan_run(base)
     tuner, exp_uri = build_tuner(
-        study, exp_root, study_name, resume=resume, steps_per_epoch=ctx["steps_per_epoch"]
+        study, exp_root, study_name, resume=resume, steps_per_epoch=run.steps_per_epoch
     )
     if not resume:
         meta.write_bytes(

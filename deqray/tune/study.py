@@ -61,50 +61,6 @@ from deqray.core._errors import suggest
 
 SEARCH_SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"  # a source checkout's
 
-# Every metric a training report carries, and the task that reports it (None: all of them).
-# An objective must be one of these and fit the base config's task.
-KNOWN_METRICS: dict[str, str | None] = {
-    "train_loss": None,
-    "val_loss": None,
-    "val_ppl": "lm",
-    "val_acc": "classification",
-    "val_top5": "classification",  # only with 5 classes or more
-    "val_miou": "segmentation",
-    "val_pixel_acc": "segmentation",
-    "fwd_nstep": None,
-    "fwd_nstep_max": None,
-    "fwd_rel_residual": None,
-    "fwd_rel_residual_max": None,
-    "fwd_abs_residual": None,
-    "fwd_converged": None,
-    "fwd_nfe": None,
-    "bwd_nstep": None,
-    "bwd_rel_residual": None,
-    "bwd_rel_residual_max": None,
-    "bwd_converged": None,
-    "bwd_nfe": None,
-    "jac_loss": None,
-    "val_fwd_nstep": None,
-    "val_fwd_nstep_max": None,
-    "val_fwd_rel_residual": None,
-    "val_fwd_rel_residual_max": None,
-    "val_fwd_abs_residual": None,
-    "val_fwd_converged": None,
-    "val_fwd_nfe": None,
-    "val_sradius": None,  # only with train.eval_sradius
-    "val_sradius_max": None,
-    "lr": None,
-    "step_time": None,
-    "items_per_s": None,
-    "step": None,
-    "epoch": None,
-}
-_TASK_NAMES = {
-    "lm": "language models",
-    "classification": "vision classification models",
-    "segmentation": "vision segmentation models",
-}
-
 DIRECTIONS = {"min": "minimize", "max": "maximize"}
 PARAM_TYPES = ("int", "float", "categorical")
 PARAM_KEYS = ("type", "low", "high", "step", "log", "choices", "when")
@@ -132,7 +88,7 @@ STUDY_KEYS = (
     "storage",
     "points_to_evaluate",
 )
-SECTIONS = tuple(f.name for f in dataclasses.fields(Experiment) if f.name != "source")
+SECTIONS = tuple(f.name for f in dataclasses.fields(Experiment) if f.name not in ("source", "task"))
 # keys that change how many reports a trial makes (ASHA's time unit)
 _LENGTH_KEYS = ("optim.steps", "optim.epochs", "train.eval_every", "train.stop_at_step")
 _TOL = 1e-9
@@ -525,8 +481,7 @@ def _parse(data: Any, where: str, overrides: dict | list[str] | None) -> Study:
         **({"train.seed": seed} if data.get("seed") is not None else {}),
     }
 
-    task = _task(fixed)
-    objectives = _objectives(data.get("objectives"), where, fixed, task, data.get("space"))
+    objectives = _objectives(data.get("objectives"), where, fixed, data.get("space"))
     space = _space(data.get("space"), where, fixed, fixed_keys)
     sampler = _sampler(data.get("sampler"), where, space, len(objectives))
     study = Study(
@@ -627,34 +582,28 @@ def _experiment_overrides(raw: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _task(cfg: Experiment) -> str:
-    if cfg.family == "lm":
-        return "lm"
-    return str(getattr(cfg.model_config(), "task", "classification"))
+def _objectives(raw: Any, where: str, fixed: Experiment, space: Any) -> dict:
+    """The objectives, each a metric the base config's reports carry: the task's declared
+    metrics (val_<name>) and the platform's (deqray.train.report)."""
+    from deqray.train.report import EVALUATION, TRAINING, report_metrics, task_metrics
 
-
-def _objectives(raw: Any, where: str, fixed: Experiment, task: str, space: Any) -> dict:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(
             f"{where}: objectives: expected a mapping such as {{val_ppl: min}}, got {raw!r}"
         )
+    known = report_metrics(fixed)
+    task = fixed.get_task().name
     out = {}
     for metric, direction in raw.items():
         entry = f"{where}: objectives.{metric}"
-        if metric not in KNOWN_METRICS:
+        if metric not in known:
+            own = ", ".join(m.name for m in task_metrics(fixed))
+            solver = ", ".join(m.name for m in [*EVALUATION, *TRAINING][:6])
             raise ConfigError(
-                f"{entry}: unknown metric {metric!r}{suggest(str(metric), KNOWN_METRICS)}; "
-                f"metrics: {', '.join(KNOWN_METRICS)}"
+                f"{entry}: unknown metric {metric!r}{suggest(str(metric), known)}; task "
+                f"{task!r} reports {own}, and the solver's and the loop's ({solver}, ...)"
             )
-        need = KNOWN_METRICS[metric]
-        if need is not None and need != task:
-            fits = [m for m, t in KNOWN_METRICS.items() if t == task]
-            raise ConfigError(
-                f"{entry}: {metric} is reported by {_TASK_NAMES[need]} only, and the base "
-                f"config is a {_TASK_NAMES[task][:-1]}; its own metrics: {', '.join(fits)} "
-                "(and the solver's)"
-            )
-        if direction not in DIRECTIONS:
+        if not isinstance(direction, str) or direction not in DIRECTIONS:
             raise ConfigError(
                 f"{entry}: direction must be min or max, got {direction!r}"
                 f"{suggest(str(direction), DIRECTIONS)}"
@@ -747,7 +696,7 @@ def _param(name: str, spec: Any, entry: str) -> Param:
     low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
     number = (lambda v: _is_int(v)) if kind == "int" else _is_number
     for key, v in (("low", low), ("high", high), ("step", step)):
-        if v is not None and not number(v):
+        if (v is not None or key != "step") and not number(v):
             raise ConfigError(
                 f"{entry}: {key}: expected {'an int' if kind == 'int' else 'a number'}, got {v!r}"
             )
@@ -876,7 +825,7 @@ def _sampler(raw: Any, where: str, space: dict[str, Param], n_objectives: int) -
         )
     raw = dict(raw)
     name = raw.pop("name", "tpe")
-    if name not in SAMPLERS:
+    if not isinstance(name, str) or name not in SAMPLERS:
         raise ConfigError(
             f"{where}: sampler.name: unknown sampler {name!r}{suggest(str(name), SAMPLERS)}; "
             f"samplers: {', '.join(SAMPLERS)}"
@@ -1113,14 +1062,17 @@ def _key_hint(cfg: Experiment, key: str) -> Any:
 
         return _in_dataclass(DEQConfig, rest, "deq", key)
     if head == "model":
-        if rest in (["preset"], ["family"]):
-            return str
+        selectors = getattr(cfg.get_task(), "model_selectors", {})
+        if len(rest) == 1 and rest[0] in selectors:
+            return selectors[rest[0]]
         return _in_dataclass(type(cfg.model_config()), rest, "model", key)
     if head not in SECTIONS:
         raise _Unknown(
             f"unknown key {key!r}: no section {head!r}{suggest(head, SECTIONS)}; "
             f"sections: {', '.join(SECTIONS)}"
         )
+    if head == "data":  # the task's own section
+        return _in_dataclass(cfg.get_task().data_section, rest, head, key)
     return _in_dataclass(typing.get_type_hints(Experiment)[head], rest, head, key)
 
 
@@ -1236,7 +1188,6 @@ def _show(v: Any) -> str:
 
 
 __all__ = [
-    "KNOWN_METRICS",
     "Param",
     "SamplerSpec",
     "SchedulerSpec",

@@ -1,0 +1,177 @@
+"""Semantic segmentation with MDEQ: per-pixel classes, the ignore label, mIoU.
+
+Metrics: `miou` (mean over classes of TP / (TP + FP + FN), from the confusion
+matrix summed over every batch and rank; primary, higher is better),
+`pixel_acc`, `loss` (mean cross-entropy per labelled pixel), `pixels`, and
+`iou_<class>` for each class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from deqray.config import ConfigError, DataSection
+
+from . import _data, _presets
+from .base import Batching, DataPlan, EvalOutput, Metric, RunContext, StepOutput, Task
+
+
+@dataclass
+class SegmentationData(DataSection):
+    owner: ClassVar[str] = "segmentation"
+
+    source: str = "shapes"
+    crop_size: int | None = None  # training crop, square (default: the model's image_size)
+    augment: bool = True  # random scale, crop and flip, the mask moved with the image
+    shuffle: bool = True
+    deterministic: bool = False  # no augmentation or shuffling, ordered decoding
+    decode_actors: int = 1
+    decode_cpus: float = 0.25
+
+
+@dataclass(frozen=True)
+class SegmentationDetails:
+    image_size: tuple[int, int]
+    num_classes: int
+    ignore_index: int
+    classes: list[str]
+    rows: dict[str, int]
+
+
+def confusion_matrix(
+    pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255
+) -> Tensor:
+    """C x C int64 counts, rows = target class, columns = predicted class.
+
+    Pixels whose target is `ignore_index` are left out; any other class outside
+    [0, C) is an error, since a wrong `num_classes` would silently skew mIoU.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    keep = target.flatten() != ignore_index
+    pred, target = pred.flatten().long()[keep], target.flatten().long()[keep]
+    for name, t in (("target", target), ("pred", pred)):
+        bad = (t < 0) | (t >= num_classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} has class {int(t[bad][0])} outside [0, {num_classes}) "
+                f"(ignore_index={ignore_index})"
+            )
+    flat = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def class_iou(conf: Tensor) -> Tensor:
+    """Per-class TP / (TP + FP + FN); NaN for a class absent from target and prediction."""
+    conf = conf.double()
+    tp = conf.diagonal()
+    denom = conf.sum(0) + conf.sum(1) - tp
+    return torch.where(denom > 0, tp / denom.clamp_min(1), torch.full_like(tp, math.nan))
+
+
+def miou(conf: Tensor) -> float:
+    """Mean IoU over the classes in the target or the prediction.
+
+    A class absent from both has no IoU (0/0), neither a perfect nor a zero
+    one, so it is left out; NaN when no class is present.
+    """
+    iou = class_iou(conf)
+    present = ~torch.isnan(iou)
+    return float(iou[present].mean()) if bool(present.any()) else math.nan
+
+
+class Segmentation(Task):
+    name = "segmentation"
+    unit = "img"
+    model_selectors: ClassVar[dict[str, type]] = _presets.SELECTORS
+    data_section = SegmentationData
+    embedded: ClassVar[dict[str, str]] = {}
+
+    # ---- driver ------------------------------------------------------------------------ #
+
+    @staticmethod
+    def accepts_model(model: Any) -> bool:
+        return _presets.accepts(model, "mdeq", "segmentation")
+
+    def model_config(self, exp):
+        return _presets.preset_model(
+            exp, "mdeq", self.name, "segmentation", default="mdeq-cityscapes-small"
+        )
+
+    def metrics(self, exp) -> list[Metric]:
+        return [
+            Metric("miou", "max", "mean intersection over union of the classes present"),
+            Metric("pixel_acc", "max", "accuracy over labelled pixels"),
+            Metric("loss", "min", "mean cross-entropy per labelled pixel"),
+            Metric("pixels", None, "labelled pixels scored"),
+        ]
+
+    def check(self, exp) -> None:
+        d = exp.data
+        _data.check_source(d, self.embedded, self.name)
+        for key in ("crop_size", "decode_actors"):
+            v = getattr(d, key)
+            if v is not None and v < 1:
+                raise ConfigError(f"data.{key}: must be >= 1, got {v}")
+
+    def plan(self, exp, batching: Batching) -> DataPlan:
+        raise ConfigError(
+            "task segmentation: its data pipeline is not in this build yet (data.source)"
+        )
+
+    def datasets(self, run: RunContext):
+        raise NotImplementedError
+
+    # ---- worker ------------------------------------------------------------------------ #
+
+    def train_batches(self, shard, run: RunContext, device):
+        for b in shard.iter_torch_batches(
+            batch_size=run.batching.batch_per_worker, drop_last=True, device=device
+        ):
+            yield b["image"], b["mask"]
+
+    def eval_batches(self, shard, run: RunContext, device):
+        for b in shard.iter_torch_batches(
+            batch_size=run.batching.eval_batch_per_worker, device=device
+        ):
+            yield b["image"], b["mask"]
+
+    def loss(self, model, batch, state, *, pretrain: bool, jac_loss: bool) -> StepOutput:
+        images, masks = batch
+        logits, info = model(images, pretrain=pretrain, jac_loss=jac_loss)
+        net = model.module if hasattr(model, "module") else model
+        return StepOutput(net.loss(logits, masks), info, images.shape[0])
+
+    def eval_step(self, model, batch, state, *, sradius: bool) -> EvalOutput:
+        images, masks = batch
+        logits, info = model(images, sradius=sradius)
+        logits = logits.float()
+        ignore = model.config.ignore_index
+        valid = float((masks != ignore).sum())
+        conf = confusion_matrix(logits.argmax(1), masks, logits.shape[1], ignore).cpu()
+        sums = {
+            "loss": float(model.loss(logits, masks)) * valid,
+            "pixels": valid,
+            "confusion": conf,
+        }
+        return EvalOutput(sums, info)
+
+    def summarize(self, sums) -> dict[str, float]:
+        n = float(sums.get("pixels", 0.0))
+        out = {"pixels": n}
+        conf = sums.get("confusion")
+        if n > 0:
+            out["loss"] = float(sums["loss"]) / n
+        if isinstance(conf, Tensor):
+            conf = conf.round().long()
+            total = int(conf.sum())
+            out["pixel_acc"] = float(conf.diagonal().sum()) / total if total else math.nan
+            out["miou"] = miou(conf)
+            for c, v in enumerate(class_iou(conf).tolist()):
+                out[f"iou_{c}"] = v
+        return out
