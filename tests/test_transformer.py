@@ -82,29 +82,57 @@ def test_presets_are_registered_and_validated():
         make_config({"preset": TINY, "d_modle": 64})
 
 
-def _closed_form_count(c: DEQTransformerConfig) -> int:
-    """Parameters from the architecture's description, not from the modules."""
+def _closed_form_components(c: DEQTransformerConfig) -> dict[str, int]:
+    """Parameters by component from the architecture's description, not from the modules."""
     d, hd, di = c.d_model, c.n_head * c.d_head, c.d_inner
     bounds = [0, *c.cutoffs, c.vocab_size]
     widths = [d // c.div_val**i for i in range(len(bounds) - 1)]
     sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
     tables = sum(n * w for n, w in zip(sizes, widths, strict=True))
-    projs = sum(d * w for w in widths if w != d)
+    first = c.first_cluster_proj and c.div_val > 1 and len(widths) > 1
+    projs = sum(d * w for i, w in enumerate(widths) if w != d or (i == 0 and first))
     softmax = c.vocab_size + (len(widths) - 1) * (widths[0] + 1)  # biases, cluster head
-    inject = d * 3 * hd + 3 * hd
+    if not c.tie_weights:
+        softmax += tables + projs
+    elif first:
+        softmax += d * d  # the softmax's own first-cluster projection
     g = 3 * hd + hd + d + di + d  # weight-norm gains, one per output row
-    layer = 3 * hd * d + hd * d + hd * d + 2 * hd + 4 * d + (d * di + di) + (di * d + d) + g
-    return tables + projs + softmax + inject + layer
+    norms = 4 * d if c.norm_affine else 0
+    o_bias = d if c.attn_out_bias else 0
+    layer = 3 * hd * d + hd * d + hd * d + o_bias + 2 * hd + norms + g
+    layer += (d * di + di) + (di * d + d)
+    return {
+        "embedding": tables + projs,
+        "softmax": softmax,
+        "inject": d * 3 * hd + 3 * hd,
+        "layer": layer,
+    }
+
+
+def _closed_form_count(c: DEQTransformerConfig) -> int:
+    return sum(_closed_form_components(c).values())
+
+
+def _components(model: DEQTransformerLM) -> dict[str, int]:
+    """Distinct parameters by component, from the modules: a shared tensor counts once."""
+    io = model.io
+    emb = [*io.emb_tables, *io.emb_projs.values()]
+    seen = {id(p) for p in emb}
+    return {
+        "embedding": sum(p.numel() for p in emb),
+        "softmax": sum(p.numel() for p in io.parameters() if id(p) not in seen),
+        "inject": sum(p.numel() for p in model.inject.parameters()),
+        "layer": sum(p.numel() for p in model.deq.parameters()),
+    }
 
 
 @pytest.mark.parametrize(
     "name, lo, hi",
     [
-        # The paper reports 98M for its WikiText-103 model. Ours is 96.7M: Transformer-XL's
-        # code also keeps two 700x700 projections for the head cluster (+0.98M), which equal
-        # the identity here because that cluster's width is d_model.
+        # The paper reports 98M for its WikiText-103 model; the reference's own count, 97.85M
+        # (see test_wt103_has_the_reference_parameterisation).
         ("deq-transformer-wt103", 95.5e6, 98.5e6),
-        ("deq-transformer-wt103-small", 17e6, 19e6),  # 18.0M, 14.6M of them in the embedding
+        ("deq-transformer-wt103-small", 17e6, 19e6),  # 18.4M, 14.9M of them in the embedding
         (TINY, 15e3, 30e3),  # 21.4k
     ],
 )
@@ -116,11 +144,59 @@ def test_parameter_counts_on_the_meta_device(name, lo, hi):
     assert next(model.parameters()).is_meta
     assert lo <= count <= hi, f"{name}: {count:,} parameters"
     assert count == _closed_form_count(cfg)
+    assert _components(model) == _closed_form_components(cfg)
     untied = dataclasses.replace(cfg, tie_weights=False)
     with torch.device("meta"):
         extra = n_params(untied.build()) - count
     io = model.io
-    assert extra == sum(p.numel() for p in [*io.emb_tables, *io.emb_projs.values()])
+    shared = {id(p) for p in io.out_tables} | {id(p) for p in io.out_projs.values()}
+    tied = [p for p in [*io.emb_tables, *io.emb_projs.values()] if id(p) in shared]
+    assert extra == sum(p.numel() for p in tied)  # untying copies exactly what was shared
+
+
+def _reference_components(c: DEQTransformerConfig) -> dict[str, int]:
+    """The reference's parameter count (locuslab/deq DEQ-Sequence, as its training script
+    sums `model.parameters()`), written from its modules: Transformer-XL's AdaptiveEmbedding
+    and ProjectedAdaptiveLogSoftmax with div_val > 1 (a projection for every cluster on both
+    sides; output tables tied by assignment, tail projections "tied" by aliasing `.data`, so
+    listed twice), a 1x1-conv injection with bias, and the layer: 1x1 convs q/k/v and r
+    without bias, o with bias, FF with biases, parameter-free F.layer_norm, weight norm's g
+    per output channel."""
+    d, di = c.d_model, c.d_inner
+    bounds = [0, *c.cutoffs, c.vocab_size]
+    widths = [d // c.div_val**i for i in range(len(bounds) - 1)]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    projs = sum(d * w for w in widths)
+    n_tail = len(widths) - 1
+    return {
+        "embedding": sum(n * w for n, w in zip(sizes, widths, strict=True)) + projs,
+        "softmax": c.vocab_size + projs + n_tail * d + n_tail,  # biases, projections, head
+        "inject": d * 3 * d + 3 * d,
+        "layer": (3 * d * d + 3 * d)  # qkv + g
+        + (d * d + d)  # r_net + g
+        + (d * d + d + d)  # o_net + bias + g
+        + 2 * d  # r_w_bias, r_r_bias
+        + (d * di + di + di)  # ff1 + bias + g
+        + (di * d + d + d),  # ff2 + bias + g
+    }
+
+
+def test_wt103_has_the_reference_parameterisation():
+    cfg = make_config("deq-transformer-wt103")
+    ref = _reference_components(cfg)
+    assert sum(ref.values()) == 97_851_488  # what the reference's training script reports
+    with torch.device("meta"):
+        ours = _components(cfg.build())
+    # The one difference: the reference lists its tail-cluster softmax projections twice
+    # (aliases of the embedding's, sharing storage); here they are one tensor.
+    aliased = sum(cfg.d_model * (cfg.d_model // cfg.div_val**i) for i in (1, 2, 3))
+    assert aliased == 159_600
+    assert ours == {**ref, "softmax": ref["softmax"] - aliased}
+    assert sum(ours.values()) == 97_691_888
+    # Today's leaner layout stays available: no first-cluster projections, LayerNorm gains
+    lean = dataclasses.replace(cfg, first_cluster_proj=False, norm_affine=True, attn_out_bias=False)
+    with torch.device("meta"):
+        assert n_params(lean.build()) == 97_691_888 - 2 * 700 * 700 + 2 * 1400 - 700
 
 
 @pytest.mark.parametrize("name", ["deq-transformer-wt103", "deq-transformer-wt103-small", TINY])
@@ -163,7 +239,8 @@ def test_every_preset_runs_at_a_small_size(name):
 def _layer_norm(x, ln):
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+    y = (x - mu) / torch.sqrt(var + ln.eps)
+    return y if ln.weight is None else y * ln.weight + ln.bias
 
 
 def _naive_layer(layer, z, u, z_mem):
@@ -200,6 +277,8 @@ def _naive_layer(layer, z, u, z_mem):
                 p = torch.softmax(torch.stack(scores), dim=0)
                 heads.append(sum(p[j] * v[j, c] for j in range(M + i + 1)))
             a = Wo @ torch.cat(heads)
+            if layer.o_net.bias is not None:
+                a = a + layer.o_net.bias
             y = z[b, i] + a if layer.pre_lnorm else _layer_norm(z[b, i] + a, layer.attn_norm)
             x = _layer_norm(y, layer.ff_norm) if layer.pre_lnorm else y
             ff = (
@@ -211,12 +290,17 @@ def _naive_layer(layer, z, u, z_mem):
 
 
 @pytest.mark.parametrize("pre_lnorm", [False, True])
-def test_equilibrium_layer_matches_a_naive_implementation(pre_lnorm):
+@pytest.mark.parametrize("reference_layer", [False, True])  # the wt103 presets' layer
+def test_equilibrium_layer_matches_a_naive_implementation(pre_lnorm, reference_layer):
     torch.manual_seed(0)
-    model = tiny(d_model=12, n_head=2, d_head=5, d_inner=16, pre_lnorm=pre_lnorm).double().eval()
+    fields = dict(norm_affine=not reference_layer, attn_out_bias=reference_layer)
+    model = tiny(d_model=12, n_head=2, d_head=5, d_inner=16, pre_lnorm=pre_lnorm, **fields)
+    model = model.double().eval()
     layer = model.layer
+    assert (layer.attn_norm.weight is None) == (layer.o_net.bias is not None) == reference_layer
+    biases = [layer.attn_norm.bias, layer.ff_norm.bias, layer.o_net.bias]
     with torch.no_grad():
-        for p in (layer.r_w_bias, layer.r_r_bias, layer.attn_norm.bias, layer.ff_norm.bias):
+        for p in (layer.r_w_bias, layer.r_r_bias, *(b for b in biases if b is not None)):
             p.normal_()  # make every term matter
     B, L, M, D = 2, 4, 3, 12
     z, z_mem = torch.randn(B, L, D, dtype=torch.float64), torch.randn(B, M, D, dtype=torch.float64)
@@ -275,12 +359,18 @@ def _naive_distribution(io, h):
     return torch.cat(p)
 
 
-@pytest.mark.parametrize("tie_weights", [True, False])
-def test_adaptive_softmax_against_the_factorised_distribution(tie_weights):
+@pytest.mark.parametrize("tie_weights, first", [(True, True), (True, False), (False, True)])
+def test_adaptive_softmax_against_the_factorised_distribution(tie_weights, first):
     torch.manual_seed(0)
     V, cutoffs = 40, [10, 25]
     model = tiny(
-        vocab_size=V, cutoffs=cutoffs, div_val=2, d_model=16, tie_weights=tie_weights, dropout=0.0
+        vocab_size=V,
+        cutoffs=cutoffs,
+        div_val=2,
+        d_model=16,
+        tie_weights=tie_weights,
+        first_cluster_proj=first,
+        dropout=0.0,
     )
     model = model.double().eval()
     io = model.io
@@ -299,12 +389,17 @@ def test_adaptive_softmax_against_the_factorised_distribution(tie_weights):
     torch.testing.assert_close(logp.exp(), p)
     torch.testing.assert_close(out.nll.reshape(-1), -p.gather(1, y.reshape(-1, 1)).log().squeeze(1))
     assert out.logits is None
-    # the embedding is sqrt(d) P_i e_i, with the same tables/projections as the softmax if tied
+    # the embedding is sqrt(d) P_i e_i, with the same tables/projections as the softmax if
+    # tied, except the first cluster's projections, which are two when there are any
+    assert ("0" in io.emb_projs) == ("0" in io.out_projs) == first
     for tok, i in [(3, 0), (12, 1), (30, 2)]:
         e = io.emb_tables[i][tok - io.bounds[i]]
-        e = io.emb_projs[str(i)] @ e if i else e
+        e = io.emb_projs[str(i)] @ e if str(i) in io.emb_projs else e
         torch.testing.assert_close(io.embed(torch.tensor([tok]))[0], 4.0 * e)
         assert (io.out_tables[i] is io.emb_tables[i]) == tie_weights
+        if str(i) in io.emb_projs:
+            shared = io.out_projs[str(i)] is io.emb_projs[str(i)]
+            assert shared == (tie_weights and i > 0)
 
 
 def test_plain_softmax_logits_are_tied_to_the_embedding():

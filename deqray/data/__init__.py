@@ -24,6 +24,8 @@ PREPROCESSORS = {
     "imagenet": "deqray.data.images:preprocess_imagenet",
     "cifar10": "deqray.data.images:preprocess_cifar10",
     "digits": "deqray.data.digits:write_digits",
+    "cityscapes": "deqray.data.cityscapes:preprocess_cityscapes",
+    "shapes": "deqray.data.shapes:write_shapes",
 }
 
 
@@ -67,6 +69,8 @@ def __getattr__(name: str):
         "load_vocab": "wikitext",
         "vision_datasets": "vision",
         "vision_data_config": "vision",
+        "segmentation_datasets": "segmentation",
+        "segmentation_data_config": "segmentation",
     }
     if name in lazy:
         return getattr(importlib.import_module(f"deqray.data.{lazy[name]}"), name)

@@ -34,8 +34,21 @@ f stays a single fixed map while it is solved.
 Vocabularies. With `cutoffs` the input embedding and the softmax are
 adaptive (Baevski & Auli; Grave et al.): cluster i has its own table of width
 d_model // div_val**i and a projection to d_model, shared by the embedding and
-the softmax when `tie_weights`. Without cutoffs they are one tied table and
-the model also returns full logits.
+the softmax when `tie_weights`. With div_val > 1 the first cluster, of width
+d_model, has projections too (`first_cluster_proj`, the reference's layout):
+the embedding's and the softmax's own, never shared. Without cutoffs they are
+one tied table and the model also returns full logits.
+
+Fidelity to the reference (locuslab/deq, DEQ-Sequence, wt103 script). The
+wt103 preset has the reference's parameterisation, component by component:
+adaptive embedding 25,706,950 (tables 25,057,350, projections 649,600),
+softmax 759,838 (biases 267,735, tail-cluster head 2,103, first-cluster
+projection 490,000; tables and tail projections are the embedding's),
+injection 1,472,100, equilibrium layer 69,753,000 (weight norm's gains
+included; LayerNorms without parameters and an output bias, as there):
+97,691,888. The reference reports 97,851,488 because it ties the tail
+projections by aliasing `.data` of separate Parameters, which its count adds
+twice (122,500 + 30,100 + 7,000 = 159,600): one tensor, two entries.
 """
 
 from __future__ import annotations
@@ -69,6 +82,11 @@ class DEQTransformerConfig:
     cutoffs: list[int] = field(default_factory=list)  # empty: plain tied embedding/softmax
     div_val: int = 1  # cluster i has width d_model // div_val**i
     tie_weights: bool = True  # embedding and softmax share tables and projections
+    # With cutoffs and div_val > 1, the first cluster (width d_model) has an embedding and a
+    # softmax projection of its own (2 x d_model^2), as in the reference; False uses it as is.
+    first_cluster_proj: bool = True
+    norm_affine: bool = True  # LayerNorm gains and biases in f (the reference's have none)
+    attn_out_bias: bool = False  # a bias on f's attention output projection (the reference's)
     pre_lnorm: bool = False
     weight_norm: bool = True
     # Embeddings, softmax, cluster projections and attention biases ~ normal(0, init_std). The
@@ -180,13 +198,13 @@ class DEQTransformerLayer(nn.Module):
         self.scale = 1.0 / math.sqrt(dh)
         self.qkv_net = nn.Linear(d, 3 * h * dh, bias=False)
         self.r_net = nn.Linear(d, h * dh, bias=False)
-        self.o_net = nn.Linear(h * dh, d, bias=False)
+        self.o_net = nn.Linear(h * dh, d, bias=cfg.attn_out_bias)
         self.r_w_bias = nn.Parameter(torch.zeros(h, dh))  # content bias ("u" in Transformer-XL)
         self.r_r_bias = nn.Parameter(torch.zeros(h, dh))  # position bias ("v")
-        self.attn_norm = nn.LayerNorm(d)
+        self.attn_norm = nn.LayerNorm(d, elementwise_affine=cfg.norm_affine)
         self.ff1 = nn.Linear(d, cfg.d_inner)
         self.ff2 = nn.Linear(cfg.d_inner, d)
-        self.ff_norm = nn.LayerNorm(d)
+        self.ff_norm = nn.LayerNorm(d, elementwise_affine=cfg.norm_affine)
         # one module per site: a VariationalDropout reuses its mask per input shape
         self.drop_qkv = VariationalDropout(cfg.dropout)
         self.drop_att = VariationalDropout(cfg.dropatt, shared_dims=())
@@ -241,12 +259,16 @@ class AdaptiveIO(nn.Module):
     Token ranges [0, c0), [c0, c1), ..., [c_{n-1}, vocab) are clusters. Cluster
     i has a table of width d_i = d_model // div_val**i and, when d_i differs
     from d_model, a projection P_i (d_model x d_i): the embedding of a token is
-    sqrt(d_model) P_i e, the softmax reads the hidden state as P_i^T h. The
-    head distribution covers cluster 0's tokens and one entry per tail
-    cluster; a tail token's probability is p(cluster) * p(token | cluster).
+    sqrt(d_model) P_i e, the softmax reads the hidden state as P_i^T h. With
+    `first_proj` (and div_val > 1) cluster 0 has projections as well: P_0 in
+    the embedding, Q_0 in the softmax, never tied to each other. The head
+    distribution covers cluster 0's tokens and one entry per tail cluster; a
+    tail token's probability is p(cluster) * p(token | cluster).
     """
 
-    def __init__(self, vocab_size, d_model, cutoffs, div_val, tie_weights, init_std):
+    def __init__(
+        self, vocab_size, d_model, cutoffs, div_val, tie_weights, init_std, first_proj=False
+    ):
         super().__init__()
         self.d_model = d_model
         self.bounds = [0, *cutoffs, vocab_size]
@@ -260,17 +282,27 @@ class AdaptiveIO(nn.Module):
                 for n, w in zip(sizes, self.widths, strict=True)
             )
 
+        first = first_proj and div_val > 1 and self.n_clusters > 1
+
         def projections():
             return nn.ParameterDict(
                 {
                     str(i): nn.Parameter(torch.randn(d_model, w) * init_std)
                     for i, w in enumerate(self.widths)
-                    if w != d_model
+                    if w != d_model or (i == 0 and first)
                 }
             )
 
         self.emb_tables, self.emb_projs = tables(), projections()
-        if tie_weights:
+        if tie_weights and first:  # the tail projections shared, the first cluster's own
+            self.out_tables = self.emb_tables
+            self.out_projs = nn.ParameterDict(
+                {
+                    k: nn.Parameter(torch.randn(d_model, d_model) * init_std) if k == "0" else p
+                    for k, p in self.emb_projs.items()
+                }
+            )
+        elif tie_weights:
             self.out_tables, self.out_projs = self.emb_tables, self.emb_projs
         else:
             self.out_tables, self.out_projs = tables(), projections()
@@ -373,7 +405,13 @@ class DEQTransformerLM(nn.Module):
         self.config = cfg
         d, hd = cfg.d_model, cfg.n_head * cfg.d_head
         self.io = AdaptiveIO(
-            cfg.vocab_size, d, cfg.cutoffs, cfg.div_val, cfg.tie_weights, cfg.init_std
+            cfg.vocab_size,
+            d,
+            cfg.cutoffs,
+            cfg.div_val,
+            cfg.tie_weights,
+            cfg.init_std,
+            first_proj=cfg.first_cluster_proj,
         )
         self.inject = nn.Linear(d, 3 * hd)
         self.drop_emb = VariationalDropout(cfg.dropout)
@@ -487,6 +525,8 @@ def _wt103() -> DEQTransformerConfig:
         mem_len=150,
         cutoffs=list(_WT103_CUTOFFS),
         div_val=4,
+        norm_affine=False,  # the reference's layer: LayerNorms without parameters,
+        attn_out_bias=True,  # an output bias
         deq=dict(
             f_solver="anderson", f_thres=30, b_solver="broyden", b_thres=35, pretrain_layers=2
         ),
