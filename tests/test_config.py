@@ -65,6 +65,8 @@ def test_the_reference_recipes_are_shipped():
         "imagenet-mdeq-small",
         "markov-tiny",
         "digits-tiny",
+        "cityscapes-mdeq-small",
+        "shapes-mdeq-tiny",
     } <= names
 
 
@@ -73,7 +75,11 @@ def test_shipped_config_loads_with_the_task_its_name_implies(name):
     cfg = load_config(name)
     assert Path(cfg.source) == CONFIG_DIR / f"{name}.yaml"
     want = "language_model" if name.startswith(("wt103", "markov")) else "image_classification"
-    assert name.startswith(("wt103", "markov", "cifar", "imagenet", "digits")), name
+    if name.startswith(("cityscapes", "shapes")):
+        want = "segmentation"
+    assert name.startswith(
+        ("wt103", "markov", "cifar", "imagenet", "digits", "cityscapes", "shapes")
+    )
     assert cfg.task == want and cfg.get_task().name == want
     # without the task key, the model's preset implies the same task
     assert Experiment.from_dict({**cfg.to_dict(), "task": None}).get_task().name == want
@@ -213,12 +219,35 @@ def test_imagenet_mdeq_small_recipe():
 
 
 def test_laptop_configs_use_embedded_data_and_one_worker():
-    for name, source in (("markov-tiny", "markov"), ("digits-tiny", "digits")):
+    laptop = (("markov-tiny", "markov"), ("digits-tiny", "digits"), ("shapes-mdeq-tiny", "shapes"))
+    for name, source in laptop:
         cfg = load_config(name)
         assert cfg.data.source == source
         assert cfg.scaling.workers == 1 and cfg.scaling.gpus_per_worker == 0
         assert cfg.optim.steps is not None and cfg.optim.steps <= 1000
     assert load_config("digits-tiny").model["preset"] == "mdeq-cifar-tiny"
+
+
+def test_cityscapes_mdeq_small_recipe():
+    # Bai et al. 2020, MDEQ-Vision/experiments/cityscapes/seg_mdeq_SMALL.yaml
+    cfg = load_config("cityscapes-mdeq-small")
+    m = cfg.model_config()
+    d = m.deq_config()
+    assert (m.task, m.num_classes, m.ignore_index, m.dropout) == ("segmentation", 19, 255, 0.05)
+    assert m.downsample_times == 2 and m.channels == [32, 64, 128, 256]
+    assert (d.f_solver, d.f_thres, d.b_solver, d.b_thres, d.f_stop_mode) == (
+        "broyden",
+        27,
+        "broyden",
+        30,
+        "abs",
+    )
+    o = cfg.optim
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.schedule) == ("sgd", 0.01, 0.9, False, "cosine")
+    assert o.weight_decay == pytest.approx(2e-4)
+    assert (o.batch_size, cfg.scaling.workers, o.batch_size // cfg.scaling.workers) == (12, 4, 3)
+    assert cfg.pretrain_steps() == 60000
+    assert o.steps == 124000 == round(500 * 2975 / 12, -3)  # the reference's 500 epochs
 
 
 # --------------------------------------------------------------------------- #

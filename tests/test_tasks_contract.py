@@ -53,6 +53,17 @@ TASKS = {
         "digits-tiny",
         ["data.deterministic=true", "optim.batch_size=16", "optim.lr=0.003"],
     ),
+    "segmentation": (
+        "shapes-mdeq-tiny",
+        [
+            "data.options={train_images: 64, test_images: 16, size: 16}",
+            "data.crop_size=[16, 16]",
+            "data.deterministic=true",
+            "optim.batch_size=8",
+            "deq.f_thres=8",
+            "deq.b_thres=8",
+        ],
+    ),
     "deblur (examples/)": (
         str(ROOT / "examples/deblur/experiment.yaml"),
         ["optim.batch_size=16", "optim.lr=0.01", "data.train_size=512", "data.eval_size=64"],

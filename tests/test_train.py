@@ -171,6 +171,38 @@ def test_mdeq_two_workers_through_the_cli(cache, tmp_path, capsys):
     assert [s for s, _ in tb["val/acc"]] == [16, 32, 48]
 
 
+def test_segmentation_two_workers_loss_falls_and_miou_rises(cache, tmp_path):
+    result, rows = run(
+        [
+            "data.options={train_images: 256, test_images: 64}",
+            "optim.batch_size=16",
+            "deq.f_thres=8",
+            "deq.b_thres=8",
+            "train.log_every=1000",
+        ],
+        "task=segmentation",
+        "model.preset=mdeq-cifar-tiny",
+        "model.task=segmentation",
+        "model.num_classes=4",
+        "model.dropout=0.0",
+        "model.num_groups=4",
+        "data.source=shapes",
+        "data.crop_size=[32, 32]",
+        "optim.lr=0.002",
+        "optim.steps=32",
+        "train.pretrain_steps=8",
+        "train.eval_every=16",
+        cache=cache,
+        storage=tmp_path,
+    )
+    assert result.return_value["status"] == "finished"
+    assert [r["step"] for r in rows] == [16, 32]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["val_miou"] > rows[0]["val_miou"] > 0.25  # four classes: chance is lower
+    assert rows[-1]["val_pixels"] == 64 * 32 * 32  # every test pixel, both workers' halves
+    assert all(0 <= rows[-1][f"val_iou_{c}"] <= 1 for c in range(4))
+
+
 def _trajectory(rows):
     return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows]
 

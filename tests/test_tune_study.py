@@ -86,7 +86,9 @@ def changed(**entries) -> dict:
 
 def test_shipped_studies_load():
     names = shipped_studies()
-    assert {"quickstart", "deq_wt103", "mdeq_cifar", "mdeq_imagenet"} <= set(names)
+    assert {"quickstart", "deq_wt103", "mdeq_cifar", "mdeq_imagenet", "mdeq_cityscapes"} <= set(
+        names
+    )
     for name in names:
         study = load_study(SPACES / f"{name}.yaml")
         assert study.name == name
@@ -113,7 +115,12 @@ def test_quickstart_content():
 
 
 def test_cluster_studies_use_gpus_and_leave_data_alone():
-    for name, workers in (("deq_wt103", 4), ("mdeq_cifar", 1), ("mdeq_imagenet", 4)):
+    for name, workers in (
+        ("deq_wt103", 4),
+        ("mdeq_cifar", 1),
+        ("mdeq_imagenet", 4),
+        ("mdeq_cityscapes", 4),
+    ):
         s = load_study(SPACES / f"{name}.yaml")
         assert s.fixed.scaling.workers == workers and s.fixed.scaling.gpus_per_worker == 1
         assert s.concurrency * workers <= 8  # an 8-GPU cluster

@@ -34,7 +34,9 @@ and on each worker (plain PyTorch; no Ray needed except for the shards):
   the metrics computed from the totals.
 
 `state_at_epoch_start()` gives the state of a new pass over the data (None by
-default). A subclass sets `name` (how reports call it), `unit` (what one
+default); `split_batches(run, split, device)` and `count_batches(run, split)`
+give a whole split in one process for `deqray evaluate` (by default through
+`datasets` and `eval_batches`). A subclass sets `name` (how reports call it), `unit` (what one
 item is: "tok", "img"; the throughput's unit) and `data_section` (the
 dataclass of its `data:` section, a subclass of `deqray.config.DataSection`).
 """
@@ -190,6 +192,16 @@ class Task(ABC):
         """This rank's evaluation batches (at most `run.eval_batches` of them when set)."""
 
     def state_at_epoch_start(self) -> Any:
+        return None
+
+    def split_batches(self, run: RunContext, split: str, device: Any) -> Iterable[Any]:
+        """Every batch of `split` in one process, in order (`deqray evaluate`): by default
+        the split's Ray Dataset from `datasets(run)` through `eval_batches`."""
+        datasets, _ = self.datasets(run)
+        return self.eval_batches(datasets[split], run, device)
+
+    def count_batches(self, run: RunContext, split: str) -> int | None:
+        """How many batches `split_batches` yields, when the task knows (progress lines)."""
         return None
 
     @abstractmethod

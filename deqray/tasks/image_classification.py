@@ -140,6 +140,28 @@ class ImageClassification(Task):
             **aug,
         )
 
+    def split_batches(self, run: RunContext, split: str, device):
+        """The whole split with the evaluation transform (never the training augmentation)."""
+        from deqray.data.vision import vision_datasets
+
+        d = run.experiment.data
+        ds = vision_datasets(
+            run.plan.root,
+            splits=[split],
+            train_split="(none: every split evaluated)",  # no split gets the augmentation
+            size=run.plan.details.image_size,
+            actors=d.decode_actors,
+            actor_cpus=d.decode_cpus,
+            shuffle=False,
+        )[split]
+        return self.eval_batches(ds, run, device)
+
+    def count_batches(self, run: RunContext, split: str) -> int | None:
+        from deqray.data import load_manifest
+
+        rows = load_manifest(run.plan.root).splits[split].rows
+        return -(-rows // run.batching.eval_batch_per_worker)
+
     # ---- worker ------------------------------------------------------------------------ #
 
     def train_batches(self, shard, run: RunContext, device):

@@ -119,6 +119,22 @@ class LanguageModel(Task):
             read_cpus=run.experiment.data.read_cpus,
         )
 
+    def split_batches(self, run: RunContext, split: str, device):
+        """The split as `eval_batch_per_worker` lanes read in stream order by one process,
+        in segments of `eval_tgt_len`: each lane's memory carries over the whole split."""
+        from deqray.data.lm import LMDataConfig, iter_lm_batches
+
+        b = run.batching.eval_batch_per_worker
+        config = LMDataConfig(run.plan.root, {split: b}, splits=(split,), read_cpus=0.0)
+        return iter_lm_batches(config.dataset(split), run.plan.details.eval_tgt_len, device=device)
+
+    def count_batches(self, run: RunContext, split: str) -> int | None:
+        from deqray.data import load_manifest
+
+        tokens = load_manifest(run.plan.root).splits[split].rows
+        lane = (tokens - 1) // run.batching.eval_batch_per_worker
+        return math.ceil(lane / run.plan.details.eval_tgt_len)
+
     # ---- worker ------------------------------------------------------------------------ #
 
     def train_batches(self, shard, run: RunContext, device):

@@ -26,8 +26,15 @@ class SegmentationData(DataSection):
     owner: ClassVar[str] = "segmentation"
 
     source: str = "shapes"
-    crop_size: int | None = None  # training crop, square (default: the model's image_size)
-    augment: bool = True  # random scale, crop and flip, the mask moved with the image
+    # Training augmentation (default: the data set's, recorded in its manifest;
+    # Cityscapes: the reference's): the long side scaled to base_size x s, s from
+    # `scales`, then a random crop [H, W] (padded with the ignore label), a flip.
+    crop_size: list[int] | None = None
+    base_size: int | None = None
+    scales: list[float] | None = None
+    flip: float | None = None
+    eval_size: list[int] | None = None  # [H, W] evaluation (default: the manifest's size)
+    augment: bool = True
     shuffle: bool = True
     deterministic: bool = False  # no augmentation or shuffling, ordered decoding
     decode_actors: int = 1
@@ -90,7 +97,7 @@ class Segmentation(Task):
     unit = "img"
     model_selectors: ClassVar[dict[str, type]] = _presets.SELECTORS
     data_section = SegmentationData
-    embedded: ClassVar[dict[str, str]] = {}
+    embedded: ClassVar[dict[str, str]] = {"shapes": "deqray.data.shapes:write_shapes"}
 
     # ---- driver ------------------------------------------------------------------------ #
 
@@ -104,28 +111,104 @@ class Segmentation(Task):
         )
 
     def metrics(self, exp) -> list[Metric]:
+        classes = exp.model_config().num_classes  # the data's count replaces the model's
         return [
             Metric("miou", "max", "mean intersection over union of the classes present"),
             Metric("pixel_acc", "max", "accuracy over labelled pixels"),
             Metric("loss", "min", "mean cross-entropy per labelled pixel"),
             Metric("pixels", None, "labelled pixels scored"),
+            *(Metric(f"iou_{c}", "max", f"IoU of class {c}") for c in range(classes)),
         ]
 
     def check(self, exp) -> None:
         d = exp.data
         _data.check_source(d, self.embedded, self.name)
-        for key in ("crop_size", "decode_actors"):
+        for key in ("crop_size", "eval_size"):
             v = getattr(d, key)
-            if v is not None and v < 1:
-                raise ConfigError(f"data.{key}: must be >= 1, got {v}")
+            if v is not None and (len(v) != 2 or min(v) < 1):
+                raise ConfigError(f"data.{key}: expected [height, width] >= 1, got {v}")
+        if d.decode_actors < 1:
+            raise ConfigError(f"data.decode_actors: must be >= 1, got {d.decode_actors}")
+        if d.flip is not None and not 0 <= d.flip <= 1:
+            raise ConfigError(f"data.flip: a probability, got {d.flip}")
 
     def plan(self, exp, batching: Batching) -> DataPlan:
-        raise ConfigError(
-            "task segmentation: its data pipeline is not in this build yet (data.source)"
+        from deqray.models import make_config
+
+        manifest = _data.load_data(
+            exp.data, self.embedded, "segmentation", verbose=exp.logging.progress
+        )
+        train, ev = _data.pick_splits(manifest, exp.data, ("val", "valid", "test"))
+        meta = manifest.meta
+        model = exp.model_config()
+        changes = {"num_classes": int(meta.get("num_classes", model.num_classes))}
+        changes["ignore_index"] = int(meta.get("ignore_index", model.ignore_index))
+        if exp.data.crop_size is not None:
+            changes["image_size"] = tuple(exp.data.crop_size)
+        model = make_config(model, **changes)
+        rows = manifest.splits[train].rows
+        steps = (rows // batching.workers) // batching.batch_per_worker
+        if steps < 1:
+            raise ConfigError(
+                f"optim.batch_size: {exp.optim.batch_size} is larger than the "
+                f"{rows}-image training split"
+            )
+        return DataPlan(
+            model=model,
+            train_split=train,
+            eval_split=ev,
+            steps_per_epoch=steps,
+            items_per_step=exp.optim.batch_size,
+            root=manifest.root,
+            details=SegmentationDetails(
+                tuple(model.image_size),
+                model.num_classes,
+                model.ignore_index,
+                list(meta.get("classes", [])),
+                {s: manifest.splits[s].rows for s in (train, ev)},
+            ),
         )
 
     def datasets(self, run: RunContext):
-        raise NotImplementedError
+        # the evaluation cap, small splits decoded once and the deterministic order: as
+        # for classification (the reader applies the augmentation rules itself)
+        from .image_classification import image_datasets
+
+        return image_datasets(
+            run, lambda run, augment: self._read(run, [run.train_split, run.eval_split])
+        )
+
+    def _read(self, run: RunContext, splits: list[str], train_split: str | None = None):
+        from deqray.data.segmentation import segmentation_datasets
+
+        d = run.experiment.data
+        return segmentation_datasets(
+            run.plan.root,
+            splits=splits,
+            train_split=train_split or run.train_split,
+            augment=d.augment,
+            deterministic=d.deterministic,
+            crop_size=d.crop_size,
+            base_size=d.base_size,
+            scales=d.scales,
+            flip=d.flip,
+            eval_size=d.eval_size,
+            actors=d.decode_actors,
+            actor_cpus=d.decode_cpus,
+            shuffle=d.shuffle,
+            seed=run.experiment.train.seed,
+        )
+
+    def split_batches(self, run: RunContext, split: str, device):
+        """The whole split at the evaluation resolution (never the training augmentation)."""
+        ds = self._read(run, [split], train_split="(none: every split evaluated)")[split]
+        return self.eval_batches(ds, run, device)
+
+    def count_batches(self, run: RunContext, split: str) -> int | None:
+        from deqray.data import load_manifest
+
+        rows = load_manifest(run.plan.root).splits[split].rows
+        return -(-rows // run.batching.eval_batch_per_worker)
 
     # ---- worker ------------------------------------------------------------------------ #
 
@@ -133,13 +216,13 @@ class Segmentation(Task):
         for b in shard.iter_torch_batches(
             batch_size=run.batching.batch_per_worker, drop_last=True, device=device
         ):
-            yield b["image"], b["mask"]
+            yield b["image"], b["mask"].long()
 
     def eval_batches(self, shard, run: RunContext, device):
         for b in shard.iter_torch_batches(
             batch_size=run.batching.eval_batch_per_worker, device=device
         ):
-            yield b["image"], b["mask"]
+            yield b["image"], b["mask"].long()
 
     def loss(self, model, batch, state, *, pretrain: bool, jac_loss: bool) -> StepOutput:
         images, masks = batch
