@@ -127,6 +127,69 @@ def _tune(args: argparse.Namespace, before_run=None, prog: str = "deqray tune") 
     return 0 if result.front else 1
 
 
+def _budgets(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        try:
+            k = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--f-thres: {part!r} is not a whole number") from None
+        if k < 1:
+            raise argparse.ArgumentTypeError(f"--f-thres: budgets must be >= 1, got {k}")
+        out.append(k)
+    return out
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from deqray.config import ConfigError
+    from deqray.evaluate import output
+    from deqray.evaluate.split import evaluate_run
+    from deqray.evaluate.study import evaluate_study
+
+    try:
+        budgets = _budgets(args.f_thres)
+        options = dict(
+            checkpoint=args.checkpoint,
+            batch_size=args.batch_size,
+            overrides=args.overrides,
+            sradius=args.sradius,
+            device=args.device,
+        )
+        if args.best or args.pareto:
+            if budgets:
+                raise ConfigError("--f-thres: give a curve for one run, not with --best/--pareto")
+            result, evaluations = evaluate_study(
+                args.run, pareto=args.pareto, split=args.split, **options
+            )
+            for ev in evaluations:
+                print(output.table(ev))
+            print(result.table())
+        else:
+            ev = evaluate_run(args.run, split=args.split, budgets=budgets, **options)
+            evaluations = [ev]
+            print(output.table(ev))
+    except (ConfigError, argparse.ArgumentTypeError) as e:
+        print(f"deqray evaluate: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        from deqray.data._fs import locate
+
+        out = args.out
+        locate(out).write_bytes(
+            output.to_json(evaluations[0])
+            if len(evaluations) == 1
+            else (b"[" + b",".join(output.to_json(e) for e in evaluations) + b"]")
+        )
+        print(f"results: {out}")
+        if len(evaluations) == 1 and len(evaluations[0].points) > 1:
+            png = out.rsplit(".", 1)[0] + ".png"
+            locate(png).write_bytes(output.plot(evaluations[0]))
+            print(f"plot: {png}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from deqray.config import ConfigError
     from deqray.tune.runner import load_results
@@ -153,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model presets with their parameter counts")
     models.set_defaults(func=_models)
     pre = sub.add_parser("preprocess", help="raw data -> parquet shards + manifest.json (Ray Data)")
-    pre.add_argument("dataset", help="wikitext-103, wikitext-2, imagenet, cifar10, digits, markov")
+    pre.add_argument(
+        "dataset",
+        help="wikitext-103, wikitext-2, imagenet, cifar10, cityscapes, digits, markov, shapes",
+    )
     pre.add_argument("--src", default=None, help="raw data: local path or s3://, gs:// URI")
     pre.add_argument("--out", required=True, help="output directory: local path or URI")
     pre.add_argument("--overwrite", action="store_true", help="redo a finished output")
@@ -202,6 +268,29 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--resume", action="store_true", help="continue an interrupted study")
     tu.add_argument("--print-study", action="store_true", help="print the space and exit")
     tu.set_defaults(func=_tune)
+    ev = sub.add_parser(
+        "evaluate",
+        help="a trained run (or a sweep's best trials) on a whole split, at forward budgets",
+        description="Exit status: 0 evaluated, 2 bad run, checkpoint, split or option.",
+    )
+    ev.add_argument("run", help="a run directory or URI, or an experiment with --best/--pareto")
+    ev.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="e.g. data.source=... data.eval_tgt_len=128",
+    )
+    ev.add_argument("--checkpoint", default="latest", help="latest, best or a checkpoint path")
+    ev.add_argument("--split", default="test", help="the split to evaluate (default test)")
+    ev.add_argument("--f-thres", default=None, help="forward budgets, e.g. 2,4,8,16: the curve")
+    ev.add_argument("--batch-size", type=int, default=None, help="default: the run's eval batch")
+    ev.add_argument("--sradius", action="store_true", help="also the spectral radius of J_f")
+    ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if there)")
+    ev.add_argument("--out", default=None, help="JSON results (a PNG plot beside for a curve)")
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--best", action="store_true", help="RUN is an experiment: its best trial")
+    which.add_argument("--pareto", action="store_true", help="... every trial on its front")
+    ev.set_defaults(func=_evaluate)
     cmp = sub.add_parser("compare", help="reprint the summary of a finished or running study")
     cmp.add_argument("experiment", help="the experiment directory (printed by deqray tune)")
     cmp.set_defaults(func=_compare)
@@ -226,7 +315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # argparse leaves those to parse_known_args.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) in ("train", "tune") and all(
+        if getattr(args, "command", None) in ("train", "tune", "evaluate") and all(
             "=" in x and not x.startswith("-") for x in extra
         ):
             args.overrides = [*args.overrides, *extra]

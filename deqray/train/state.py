@@ -165,10 +165,13 @@ def save_state(
     progress: Progress,
     per_rank: list[dict],
     config: dict,
+    model_config: Any = None,
 ) -> None:
-    """Write state.pt into the directory `path` (rank 0)."""
+    """Write state.pt into the directory `path` (rank 0). `model_config` (the run's, with the
+    data's sizes filled in) is kept so that the model can be rebuilt without the data."""
     torch.save(
         {
+            "model_config": None if model_config is None else model_record(model_config),
             "model": unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -181,15 +184,44 @@ def save_state(
     )
 
 
+def model_record(cfg: Any) -> dict:
+    """A model config dataclass as plain values: its class by import path and its fields."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cfg):
+        raise TypeError(f"a model config must be a dataclass to be checkpointed, got {cfg!r}")
+    cls = type(cfg)
+    return {"type": f"{cls.__module__}:{cls.__qualname__}", "fields": dataclasses.asdict(cfg)}
+
+
+def model_from_record(record: dict, where: str) -> Any:
+    """The model config a checkpoint recorded (`model_record`)."""
+    import importlib
+
+    module, _, name = record["type"].partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        what = record["type"]
+        raise CheckpointError(f"{where}: its model config class {what} is gone ({e})") from None
+    return cls(**record["fields"])
+
+
 def read_state(path: str) -> dict:
-    """The contents of `<path>/state.pt`, loaded without running code (weights_only)."""
+    """The contents of `<path>/state.pt` (a local directory or a URI), loaded without
+    running code (weights_only)."""
+    import io
     import pickle
 
-    file = os.path.join(path, STATE_FILE)
-    if not os.path.exists(file):
+    from deqray.data._fs import locate
+
+    file = path.rstrip("/") + "/" + STATE_FILE if "://" in path else os.path.join(path, STATE_FILE)
+    loc = locate(file)
+    if not loc.exists():
         raise CheckpointError(f"{file}: no such checkpoint file")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        source = loc.path if "://" not in file else io.BytesIO(loc.read_bytes())
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [x.strip() for x in str(e).splitlines() if "WeightsUnpickler error" in x]
         why = lines[0].split(":", 1)[1].split(". Please use")[0].strip() if lines else str(e)

@@ -260,6 +260,7 @@ class Worker:
                         progress=self.progress,
                         per_rank=per_rank,
                         config=self.exp.to_dict(),
+                        model_config=self.run.model,
                     )
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if final is not None:

@@ -342,10 +342,21 @@ def select(study: Study, rows: list[dict]) -> list[int]:
 def format_table(study: Study, rows: list[dict], front: list[int]) -> str:
     objs = study.metric_names()
     params = list(study.space)
-    cols = ["trial_id", *objs, *params, "fwd_nstep", "reports", "status"]
+    # a split's metrics after `deqray evaluate --best` (test_ppl beside val_ppl)
+    names = {k for r in rows for k in r}
+    tested = sorted(
+        k
+        for k in names
+        for o in objs
+        if o.startswith("val_")
+        and k.endswith("_" + o[4:])
+        and k not in objs
+        and not k.startswith(("val_", "train_"))
+    )
+    cols = ["trial_id", *objs, *tested, *params, "fwd_nstep", "reports", "status"]
     title = "Pareto front" if study.is_multi_objective else "best trial"
     lines = [f"{title} of {len(rows)} trials (* marks it):"]
-    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    cells = [[_cell(r.get(c, "-")) for c in cols] for r in rows]
     widths = [
         max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)
     ]
@@ -475,6 +486,12 @@ def load_results(experiment: str) -> StudyResult:
         ):
             row["status"] = tune_status.lower()
         rows.append(row)
+    from deqray.evaluate.study import read_evaluations
+
+    tested = read_evaluations(exp.uri)  # `deqray evaluate EXPERIMENT --best` adds these
+    for row in rows:
+        record = tested.get(row["trial_id"], {})
+        row.update({k: v for k, v in record.items() if k.startswith(f"{record['split']}_")})
     return StudyResult(study, exp.uri, rows, select(study, rows))
 
 
