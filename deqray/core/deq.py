@@ -26,7 +26,7 @@ from ._state import State, StateSpec, flat_function
 from .grad import GRAD_MODES, BackwardStats, attach_implicit, phantom, unrolled
 from .jacobian import frobenius_per_dim, jac_loss_estimate, spectral_radius
 from .regularizers import dropout_scope, weight_norm_cache
-from .solvers import STOP_MODES, SolverResult, get_solver, no_autocast
+from .solvers import STOP_MODES, SolverResult, check_snapshots, get_solver, no_autocast
 
 
 @dataclass
@@ -164,6 +164,9 @@ class DEQInfo:
     backward: BackwardStats = field(default_factory=BackwardStats)
     jac_loss: Tensor | None = None  # differentiable: mean ||J||_F^2 / dim
     sradius: Tensor | None = None  # (B,) spectral radius of J at the equilibrium
+    # {k: the forward solve as it stood after k steps}, for the steps asked of
+    # forward(snapshots=...): each equals the solve of a call with f_thres=k
+    snapshots: dict[int, SolverResult] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -196,7 +199,7 @@ class DEQ(nn.Module):
     """A deep equilibrium layer around `f(z, x)`.
 
     forward(x, z0=None, *, pretrain=False, f_thres=None, jac_loss=False,
-            sradius=False) -> (z, DEQInfo)
+            sradius=False, snapshots=None) -> (z, DEQInfo)
 
     * `z0`: the initial state (tensor or list of tensors); when None, f must
       offer `init_state(x)`.
@@ -208,6 +211,14 @@ class DEQ(nn.Module):
     * `jac_loss=True`: `info.jac_loss` holds the Hutchinson estimate of
       ||J||_F^2 / dim at the equilibrium, differentiable.
     * `sradius=True`: `info.sradius` holds the power-method spectral radius.
+    * `snapshots=(2, 4, 8)`: `info.snapshots[k]` is the forward solve after k
+      steps (a SolverResult: `.result` the state, `.nstep`, residuals,
+      `.converged` per sample), equal to the solve of a call with
+      `f_thres=k`, all from this one solve. Without autograd (eval) a call
+      returns z* itself, so `info.snapshots[k].result` is then exactly what
+      that call would return; with autograd on it returns f(z*) (the
+      implicit gradient's hook), which snapshots do not carry. Steps must not
+      exceed this call's budget; not available in pretrain mode.
 
     Weight-normalised weights in f are computed once per call and variational
     dropout masks drawn once per call (see `regularizers`).
@@ -234,7 +245,12 @@ class DEQ(nn.Module):
         f_thres: int | None = None,
         jac_loss: bool = False,
         sradius: bool = False,
+        snapshots: typing.Iterable[int] | None = None,
     ) -> tuple[State, DEQInfo]:
+        if pretrain and snapshots:
+            raise ValueError(
+                "DEQ: snapshots are steps of the forward solve; pretrain mode has none"
+            )
         if z0 is None:
             init = getattr(self.f, "init_state", None)
             if init is None:
@@ -254,7 +270,7 @@ class DEQ(nn.Module):
         with weight_norm_cache(self.f), dropout_scope(), no_autocast():
             if pretrain:
                 return self._pretrain(call_f, z0, jac_loss, sradius)
-            return self._solve(call_f, z0, f_thres, jac_loss, sradius)
+            return self._solve(call_f, z0, f_thres, jac_loss, sradius, snapshots)
 
     # ------------------------------------------------------------------ modes
 
@@ -285,7 +301,7 @@ class DEQ(nn.Module):
         self._jacobian_terms(info, fz, z_last, spec.dim, want_jac, want_sr)
         return spec.unflatten(fz), info
 
-    def _solve(self, call_f, z0, f_thres, want_jac, want_sr):
+    def _solve(self, call_f, z0, f_thres, want_jac, want_sr, snapshots=None):
         cfg = self.config
         spec = StateSpec(z0)
         ff = flat_function(call_f, spec)
@@ -298,14 +314,14 @@ class DEQ(nn.Module):
             else:
                 f_thres = cfg.f_thres if cfg.eval_f_thres is None else cfg.eval_f_thres
         solver_kwargs = dict(max_iter=int(f_thres), tol=cfg.f_tol, stop_mode=cfg.f_stop_mode)
+        if snapshots:
+            solver_kwargs["snapshots"] = check_snapshots(snapshots, int(f_thres), "DEQ forward")
         need_grad = torch.is_grad_enabled()
         z0_flat = spec.flatten(z0)
 
         if cfg.grad == "unrolled" and need_grad:
-            res = unrolled(
-                ff, z0_flat, max_iter=int(f_thres), tol=cfg.f_tol, stop_mode=cfg.f_stop_mode
-            )
-            info = self._info(res)
+            res = unrolled(ff, z0_flat, **solver_kwargs)
+            info = self._info(res, spec)
             out = res.flat
             if want_jac or want_sr:
                 z_in = out.detach().requires_grad_()
@@ -316,7 +332,7 @@ class DEQ(nn.Module):
             res = get_solver(cfg.f_solver)(
                 ff, z0_flat.detach(), **solver_kwargs, **cfg.f_solver_options
             )
-        info = self._info(res)
+        info = self._info(res, spec)
         z_star = res.flat
         if not need_grad:
             if want_sr:
@@ -350,7 +366,12 @@ class DEQ(nn.Module):
     # ---------------------------------------------------------------- helpers
 
     @staticmethod
-    def _info(res: SolverResult) -> DEQInfo:
+    def _info(res: SolverResult, spec: StateSpec) -> DEQInfo:
+        # the solvers saw the flattened state; snapshots hand back the model's
+        snapshots = {
+            k: dataclasses.replace(r, result=spec.unflatten(r.flat))
+            for k, r in getattr(res, "snapshots", {}).items()  # (a user solver may have none)
+        }
         return DEQInfo(
             mode="deq",
             nstep=res.nstep,
@@ -359,6 +380,7 @@ class DEQ(nn.Module):
             converged=res.converged,
             nfe=res.nfe,
             forward=res,
+            snapshots=snapshots,
         )
 
     def _jacobian_terms(self, info, fz, z_in, dim, want_jac, want_sr):

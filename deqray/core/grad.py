@@ -111,6 +111,9 @@ def unrolled(
     tol: float,
     stop_mode: str = "rel",
     beta: float = 1.0,
+    snapshots=None,
 ) -> SolverResult:
     """Plain Picard iteration with autograd recording every step (test oracle, pretraining)."""
-    return fixed_point(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, beta=beta)
+    return fixed_point(
+        f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, beta=beta, snapshots=snapshots
+    )

@@ -4,6 +4,7 @@
     logits, info = model(images)                  # DEQ mode: solve, implicit backward
     logits, info = model(images, pretrain=True)   # weight-tied unrolled network (warm-up)
     loss = model.loss(logits, labels)
+    by_budget, info = model.snapshot_logits(images, (2, 4, 8))  # one solve, several budgets
 
 The picture: a stem turns the image into features at the highest resolution;
 those features are the input injection of one equilibrium layer f whose state
@@ -323,11 +324,40 @@ class MDEQBase(nn.Module):
         f_thres: int | None = None,
         jac_loss: bool = False,
         sradius: bool = False,
+        snapshots=None,
     ) -> tuple[Tensor, DEQInfo]:
         z, info = self.features(
-            images, pretrain=pretrain, f_thres=f_thres, jac_loss=jac_loss, sradius=sradius
+            images,
+            pretrain=pretrain,
+            f_thres=f_thres,
+            jac_loss=jac_loss,
+            sradius=sradius,
+            snapshots=snapshots,
         )
-        return self.head(z, images.shape[-2:]), info
+        return self.output(z, images.shape[-2:]), info
+
+    def output(self, z: list[Tensor], size: torch.Size) -> Tensor:
+        """The head on an equilibrium state (e.g. a snapshot's `.result`): the logits."""
+        return self.head(z, size)
+
+    @torch.no_grad()
+    def snapshot_logits(
+        self, images: Tensor, steps, *, f_thres: int | None = None
+    ) -> tuple[dict[int, Tensor], DEQInfo]:
+        """The logits at each forward budget in `steps`, from one solve.
+
+        Returns ({k: logits}, info); `info.snapshots[k]` holds that budget's
+        solver statistics (nstep, residuals, converged per sample). In eval
+        mode each entry equals `model(images, f_thres=k)[0]` under no_grad;
+        the solve runs to `f_thres` (default: the largest step). For
+        evaluation: runs without autograd, and in training mode dropout and
+        the head's BatchNorm statistics would make separate calls differ.
+        """
+        steps = tuple(steps)
+        budget = max(steps) if f_thres is None else f_thres
+        _, info = self.features(images, f_thres=budget, snapshots=steps)
+        size = images.shape[-2:]
+        return {k: self.output(s.result, size) for k, s in info.snapshots.items()}, info
 
     def features(
         self,
@@ -337,8 +367,12 @@ class MDEQBase(nn.Module):
         f_thres: int | None = None,
         jac_loss: bool = False,
         sradius: bool = False,
+        snapshots=None,
     ) -> tuple[list[Tensor], DEQInfo]:
-        """The equilibrium branch states (highest resolution first) and the solve's info."""
+        """The equilibrium branch states (highest resolution first) and the solve's info.
+
+        `snapshots=(2, 4, 8)` also hands back the solve after those steps in
+        `info.snapshots` (see `DEQ.forward`)."""
         x = self.inject(self.stem(images))
         # Under autocast the DEQ runs f in reduced precision and its solvers in the
         # state's dtype (float32, see initial_state).
@@ -349,6 +383,7 @@ class MDEQBase(nn.Module):
             f_thres=f_thres,
             jac_loss=jac_loss,
             sradius=sradius,
+            snapshots=snapshots,
         )
 
 
