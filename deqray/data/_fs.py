@@ -16,7 +16,9 @@ already retries a refused connection for about 6 s inside each attempt, so
 an attempt against a store that is down takes that long.
 
     locate("s3://bucket/run/status.json").write_bytes(data)   # atomic and retried
+    locate("s3://bucket/run/ckpt/state.pt").upload("/tmp/state.pt")  # a local file, likewise
     retrying("upload", uri, lambda: fs.copy_file(a, b))        # any other call
+    for batch in retrying_iter("read", uri, open_batches): ...  # a stream, resumed after errors
 
 S3 settings come from the standard AWS environment, read by pyarrow's
 `FileSystem.from_uri` each time a location is opened: `AWS_ENDPOINT_URL`
@@ -35,7 +37,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -46,6 +48,7 @@ RETRY_ENV = "DEQRAY_STORAGE_RETRY_S"
 DEFAULT_RETRY_S = 60.0
 FIRST_DELAY_S = 0.5  # the first wait; each next one doubles, up to MAX_DELAY_S
 MAX_DELAY_S = 8.0
+UPLOAD_CHUNK = 16 << 20
 
 log = logging.getLogger("deqray.storage")
 T = TypeVar("T")
@@ -153,12 +156,59 @@ def retrying(what: str, uri: str, fn: Callable[[], T], *, budget_s: float | None
                 raise StorageUnavailable(
                     f"{uri}: {what} failed: the storage was unreachable for {elapsed:.1f} s "
                     f"({attempt} attempt{'s' * (attempt > 1)}; retry budget {budget:g} s, "
-                    f"set {RETRY_ENV} to change it): {e}"
+                    f"set {RETRY_ENV} to change it): {_brief(e)}"
                 ) from None
             log.warning("%s: %s failed (%s); attempt %d in %.1f s", uri, what, e, attempt + 1, wait)
             time.sleep(wait)
             delay = min(2 * delay, MAX_DELAY_S)
             attempt += 1
+
+
+_END = object()
+
+
+def retrying_iter(
+    what: str, uri: str, open_iter: Callable[[], Iterator[T]], *, budget_s: float | None = None
+) -> Iterator[T]:
+    """The items of `open_iter()`, each step retried like `retrying`.
+
+    A transient error, whether it comes from opening the source or from any
+    later item, makes a new `open_iter()` whose first items, those already
+    yielded, are skipped: `open_iter` must yield the same items each time (a
+    file read in the same chunks). The retry budget applies to each item, so
+    a long read survives several short outages.
+    """
+    done = 0
+    it: Iterator[T] | None = None
+
+    def step():
+        nonlocal it
+        try:
+            if it is None:
+                it = open_iter()
+                for _ in range(done):
+                    if next(it, _END) is _END:
+                        raise DataError(f"{uri}: shorter on a reread after a storage error")
+            return next(it, _END)
+        except OSError:
+            it = None  # reopened on the next attempt
+            raise
+
+    while True:
+        item = retrying(what, uri, step, budget_s=budget_s)
+        if item is _END:
+            return
+        done += 1
+        yield item
+
+
+def _brief(error: BaseException, limit: int = 160) -> str:
+    """What an error says about why, short enough that the URI before it survives Ray's cut
+    of a worker's error to its last 500 characters. For pyarrow's S3 errors, that is from
+    "AWS Error" on: the key and bucket before it are the URI again."""
+    text = " ".join(str(error).split())
+    text = text[text.index("AWS Error") :] if "AWS Error" in text else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -218,6 +268,20 @@ class Location:
         a later attempt succeeds (and is recognisable by TMP_MARK if even
         that fails).
         """
+        self._write_atomic("write", lambda fh: fh.write(data))
+
+    def upload(self, local_path: str | os.PathLike) -> None:
+        """Copy a local file here, atomically and retried like `write_bytes`, in chunks
+        (a checkpoint need not fit in memory twice)."""
+
+        def fill(fh) -> None:
+            with open(local_path, "rb") as src:
+                while chunk := src.read(UPLOAD_CHUNK):
+                    fh.write(chunk)
+
+        self._write_atomic("upload", fill)
+
+    def _write_atomic(self, what: str, fill: Callable[..., object]) -> None:
         parent = posixpath.dirname(self.path)
         name = posixpath.basename(self.path)
         tried: list[str] = []
@@ -228,10 +292,10 @@ class Location:
             if self.fs.type_name not in _OBJECT_STORES:  # keys need no parent directory
                 self.fs.create_dir(parent, recursive=True)
             with self.fs.open_output_stream(tmp) as fh:
-                fh.write(data)
+                fill(fh)
             self.fs.move(tmp, self.path)
 
-        retrying("write", self.uri, attempt)
+        retrying(what, self.uri, attempt)
         for tmp in tried[:-1]:
             try:
                 self.fs.delete_file(tmp)

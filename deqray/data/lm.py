@@ -58,7 +58,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._fs import DataError, locate
+from ._fs import DataError, locate, retrying
 from .manifest import Manifest, load_manifest
 
 try:  # subclassing needs Ray Train; the rest of this module works without it
@@ -147,22 +147,27 @@ def _read_range(stream: TokenStream, lo: int, hi: int) -> np.ndarray:
         # checksum, so a rewritten shard at the same path is never misread.
         key = f"{uri}#{stream.sha256[i] if stream.sha256 else ''}"
         loc = locate(uri)
-        with loc.fs.open_input_file(loc.path) as fh:
-            if key not in _FOOTERS:
-                if len(_FOOTERS) > 256:
-                    _FOOTERS.clear()
-                _FOOTERS[key] = pq.ParquetFile(fh).metadata
-            pf = pq.ParquetFile(fh, metadata=_FOOTERS[key])
-            md = pf.metadata
-            rg_first = np.cumsum([0] + [md.row_group(k).num_rows for k in range(md.num_row_groups)])
-            end = min(hi, first + md.num_rows)
-            a, b = lo - first, end - first  # rows of this shard
-            g0 = int(np.searchsorted(rg_first, a, side="right")) - 1
-            g1 = int(np.searchsorted(rg_first, b, side="left"))
-            table = pf.read_row_groups(list(range(g0, g1)), columns=[stream.column])
-            col = table.column(0).to_numpy()
-            parts.append(col[a - rg_first[g0] : b - rg_first[g0]])
-        lo = end
+
+        def read(loc=loc, key=key, first=first, lo=lo) -> tuple[np.ndarray, int]:
+            with loc.fs.open_input_file(loc.path) as fh:
+                if key not in _FOOTERS:
+                    if len(_FOOTERS) > 256:
+                        _FOOTERS.clear()
+                    _FOOTERS[key] = pq.ParquetFile(fh).metadata
+                pf = pq.ParquetFile(fh, metadata=_FOOTERS[key])
+                md = pf.metadata
+                rows = [md.row_group(k).num_rows for k in range(md.num_row_groups)]
+                rg_first = np.cumsum([0] + rows)
+                end = min(hi, first + md.num_rows)
+                a, b = lo - first, end - first  # rows of this shard
+                g0 = int(np.searchsorted(rg_first, a, side="right")) - 1
+                g1 = int(np.searchsorted(rg_first, b, side="left"))
+                table = pf.read_row_groups(list(range(g0, g1)), columns=[stream.column])
+                col = table.column(0).to_numpy()
+                return col[a - rg_first[g0] : b - rg_first[g0]], end
+
+        part, lo = retrying("read", uri, read)
+        parts.append(part)
         i += 1
     return np.concatenate(parts).astype(np.int32, copy=False)
 

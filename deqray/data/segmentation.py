@@ -10,6 +10,9 @@
 
 A batch: "image" float32 (B, 3, H, W), normalised by the manifest's mean and
 std (those of the training split): (pixel / 255 - mean) / std per channel;
+with `output="uint8"` the actors ship the (B, 3, H, W) uint8 pixels instead
+(a quarter of the bytes through the object store) and `segmentation_batches`
+normalises them on the worker's device, to the same float32 bit for bit;
 "mask" uint8 (B, H, W), class indices 0..C-1 and 255 (the ignore label)
 where a pixel has no class, padding included (`.long()` it for a loss);
 "index" int64 (B,) only with `with_index`.
@@ -66,9 +69,10 @@ from ._fs import DataError, locate
 from .images import decode_rgb
 from .manifest import Manifest, load_manifest
 from .masks import IGNORE, KIND, SCHEMA, decode_mask
-from .vision import BLOCK_BYTES, ShardSource, _pair, _read_shard
+from .vision import BLOCK_BYTES, Normalize, ShardSource, _pair, _read_shard
 
 PASS = "_pass"  # column the reader adds: which pass over the data a row belongs to
+CONTEXT_KEY = "deqray.segmentation.normalize"  # a Dataset's mean and std, in its DataContext
 
 
 def _size(value) -> tuple[int, int] | None:
@@ -76,7 +80,8 @@ def _size(value) -> tuple[int, int] | None:
 
 
 class SegmentationTransform:
-    """Encoded image + mask -> normalised float32 images and uint8 masks; a map_batches class.
+    """Encoded image + mask -> normalised float32 (or, `output="uint8"`, raw uint8) images
+    and uint8 masks; a map_batches class.
 
     Training: `stages()` are the scale, crop and flip transforms in order
     (each applied to the image and the mask together); evaluation: a resize
@@ -96,7 +101,10 @@ class SegmentationTransform:
         eval_size: int | Sequence[int] | None = None,
         seed: int = 0,
         with_index: bool = False,
+        output: str = "float32",
     ):
+        if output not in ("float32", "uint8"):
+            raise ValueError(f"output must be 'float32' or 'uint8', got {output!r}")
         if train and crop_size is None:
             raise ValueError("training needs a crop_size (the batch's image size)")
         if scales and not base_size:
@@ -111,8 +119,8 @@ class SegmentationTransform:
         self.eval_size = _size(eval_size)
         self.seed = int(seed)
         self.with_index = with_index
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1) * 255
-        self.inv_std = 1 / (np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1) * 255)
+        self.output = output
+        self.normalize = Normalize(mean, std, channels_last=False)
         self._transform = None
 
     def stages(self) -> list:
@@ -180,9 +188,11 @@ class SegmentationTransform:
                 )
             images.append(img.numpy())
             masks.append(msk.numpy())
-        x = np.stack(images).astype(np.float32)
-        x -= self.mean
-        x *= self.inv_std
+        x = np.stack(images)
+        if self.output == "float32":
+            import torch
+
+            x = self.normalize(torch.from_numpy(x)).numpy()
         out = {"image": x, "mask": np.stack(masks).astype(np.uint8)}
         if self.with_index:
             out["index"] = np.asarray(batch["index"], dtype=np.int64)
@@ -259,6 +269,7 @@ def segmentation_datasets(
     *,
     splits: Sequence[str] | None = None,
     train_split: str | None = None,
+    output: str = "float32",
     augment: bool = True,
     deterministic: bool = False,
     crop_size: int | Sequence[int] | None = None,
@@ -283,9 +294,13 @@ def segmentation_datasets(
     unless `augment` is False or `deterministic`, and with `shuffle` read in a
     new shard order each pass (shards were shuffled at preprocessing). Every
     other split gets the evaluation transform. `batch_size` is the decode
-    batch of one actor call, not the training batch. See the module docstring
-    for the rows, the augmentation and the seeds.
+    batch of one actor call, not the training batch. `output`: "float32"
+    (normalised by the actors) or "uint8" (read it with `segmentation_batches`,
+    which normalises on the worker). See the module docstring for the rows,
+    the augmentation and the seeds.
     """
+    if output not in ("float32", "uint8"):
+        raise ValueError(f"output must be 'float32' or 'uint8', got {output!r}")
     manifest = load_manifest(root, verify=verify)
     if manifest.kind != KIND:
         raise DataError(f"{manifest.root}: a {manifest.kind!r} data set, not segmentation")
@@ -338,9 +353,12 @@ def segmentation_datasets(
                 SegmentationTransform(**opts)
             except ValueError as e:
                 raise DataError(f"{manifest.root}: split {name!r}: {e}") from None
-            out[name] = read_datasource(source, num_cpus=read_cpus).map_batches(
+            ds = read_datasource(source, num_cpus=read_cpus)
+            # each read has its own copy of the context (derived Datasets share it)
+            ds.context.set_config(CONTEXT_KEY, {"mean": opts["mean"], "std": opts["std"]})
+            out[name] = ds.map_batches(
                 SegmentationTransform,
-                fn_constructor_kwargs=opts,
+                fn_constructor_kwargs={**opts, "output": output},
                 batch_size=batch_size,
                 batch_format="numpy",
                 compute=ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
@@ -349,6 +367,43 @@ def segmentation_datasets(
     finally:
         context.execution_options = saved
     return out
+
+
+def segmentation_batches(
+    data,
+    *,
+    batch_size: int,
+    device=None,
+    drop_last: bool = False,
+    prefetch_batches: int = 2,
+):
+    """Batches of a segmentation_datasets Dataset, or of a worker's shard of one, on `device`:
+    {"image": (B, 3, H, W) float32 normalised, "mask": (B, H, W) uint8, ["index"]}.
+
+    uint8 images (`output="uint8"`) travel to `device` as they are and are
+    normalised there, by the dataset's mean and std; float32 ones pass as
+    they are. `device`: by default the Ray Train worker's (CPU outside Train).
+    """
+    import torch
+    from ray.data import Dataset
+
+    context = data.context if isinstance(data, Dataset) else data.get_context()
+    stats = context.get_config(CONTEXT_KEY)
+    if stats is None:
+        raise ValueError(
+            f"{type(data).__name__} does not come from segmentation_datasets (no "
+            f"{CONTEXT_KEY!r} in its DataContext): its images' mean and std are unknown"
+        )
+    normalize = Normalize(stats["mean"], stats["std"], channels_last=False)
+    for batch in data.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=drop_last,
+        device="auto" if device is None else device,
+        prefetch_batches=prefetch_batches,
+    ):
+        if batch["image"].dtype == torch.uint8:
+            batch["image"] = normalize(batch["image"])
+        yield batch
 
 
 def segmentation_data_config(split: Sequence[str] = ("train",), *, deterministic: bool = False):
@@ -367,6 +422,7 @@ def segmentation_data_config(split: Sequence[str] = ("train",), *, deterministic
 __all__ = [
     "SegmentationSource",
     "SegmentationTransform",
+    "segmentation_batches",
     "segmentation_data_config",
     "segmentation_datasets",
     "transform_options",
