@@ -3,13 +3,16 @@
     ev = evaluate_run("runs/markov-tiny-...", split="test", budgets=[2, 4, 8, 16])
     ev.points[0].metrics["test_ppl"], ev.points[0].metrics["test_fwd_nstep"]
 
-Each point is a separate evaluation of the whole split at that forward budget
-(the DEQ's eval f_thres), in one process, without Ray Train: the task's
-`split_batches` (a language model's lanes in stream order with their segment
-memory, images with the evaluation transform) through the same `evaluate`
-the training loop calls. A language model's memory at each segment depends
-on the equilibrium states the budget produced, so its points cannot share a
-solve: each costs one pass over the split.
+Each point is the whole split at that forward budget (the DEQ's eval
+f_thres), in one process, without Ray Train: the task's `split_batches` (a
+language model's lanes in stream order with their segment memory, images
+with the evaluation transform) through the same `evaluate` the training loop
+calls. Where the task can (`curve_from_one_solve`: classification and
+segmentation), one solve per batch at the largest budget gives every point
+from its snapshots, each equal to a separate evaluation at its budget. A
+language model's memory at each segment depends on the equilibrium states
+the budget produced, so its points cannot share a solve: each costs one pass
+over the split (and so does a curve with --sradius).
 """
 
 from __future__ import annotations
@@ -65,7 +68,6 @@ def evaluate_run(
     import torch
 
     from deqray.train.context import plan_run
-    from deqray.train.evaluation import evaluate
     from deqray.train.report import task_metrics
 
     for k in budgets or []:
@@ -95,17 +97,43 @@ def evaluate_run(
         primary=f"{split}_{primary.name[len('val_') :]}",
         direction=primary.direction,
     )
-    total = plan.task.count_batches(plan, split)
-    for k in budgets or [None]:
-        if k is not None:
-            set_eval_budget(model, k)
-        t0 = time.perf_counter()
-        counter = Progress(total, f"f_thres {k}" if k else split, enabled=progress)
-        batches = counter.wrap(plan.task.split_batches(plan, split, device))
-        metrics = evaluate(plan.task, model, batches, sradius=sradius, prefix=f"{split}_")
-        counter.done()
-        ev.points.append(Point(k, metrics, time.perf_counter() - t0, counter.count))
+    one_solve = plan.task.curve_from_one_solve and budgets and len(budgets) > 1 and not sradius
+    if one_solve:  # the snapshots of one solve at the largest budget give every point
+        ev.points = _curve(plan, model, split, budgets, device, progress)
+    else:
+        ev.points = [
+            _point(plan, model, split, k, sradius, device, progress) for k in budgets or [None]
+        ]
     return ev
+
+
+def _point(plan, model, split, k, sradius, device, progress) -> Point:
+    from deqray.train.evaluation import evaluate
+
+    if k is not None:
+        set_eval_budget(model, k)
+    t0 = time.perf_counter()
+    total = plan.task.count_batches(plan, split)
+    counter = Progress(total, f"f_thres {k}" if k else split, enabled=progress)
+    batches = counter.wrap(plan.task.split_batches(plan, split, device))
+    metrics = evaluate(plan.task, model, batches, sradius=sradius, prefix=f"{split}_")
+    counter.done()
+    return Point(k, metrics, time.perf_counter() - t0, counter.count)
+
+
+def _curve(plan, model, split, budgets, device, progress) -> list[Point]:
+    """Every budget's point from one pass: the seconds are the pass's (shared)."""
+    from deqray.train.evaluation import evaluate_curve
+
+    set_eval_budget(model, max(budgets))
+    t0 = time.perf_counter()
+    total = plan.task.count_batches(plan, split)
+    counter = Progress(total, f"f_thres {','.join(map(str, budgets))}", enabled=progress)
+    batches = counter.wrap(plan.task.split_batches(plan, split, device))
+    by_budget = evaluate_curve(plan.task, model, batches, budgets, prefix=f"{split}_")
+    counter.done()
+    seconds = time.perf_counter() - t0
+    return [Point(k, by_budget[k], seconds, counter.count) for k in budgets]
 
 
 def set_eval_budget(model, f_thres: int) -> None:

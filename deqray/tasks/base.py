@@ -200,6 +200,17 @@ class Task(ABC):
         datasets, _ = self.datasets(run)
         return self.eval_batches(datasets[split], run, device)
 
+    # Whether `eval_curve_step` gives every budget of a compute-quality curve from one
+    # solve (the solver's snapshots); otherwise `deqray evaluate` runs one pass a budget.
+    curve_from_one_solve: ClassVar[bool] = False
+
+    def eval_curve_step(
+        self, model: nn.Module, batch: Any, state: Any, budgets: list[int]
+    ) -> dict[int, EvalOutput]:
+        """One evaluation batch at each forward budget, from one solve: {budget: EvalOutput},
+        each equal to `eval_step` with the model's eval budget set to it."""
+        raise NotImplementedError(f"task {self.name!r} evaluates one budget per pass")
+
     def count_batches(self, run: RunContext, split: str) -> int | None:
         """How many batches `split_batches` yields, when the task knows (progress lines)."""
         return None
@@ -231,6 +242,21 @@ class Task(ABC):
 
     def __hash__(self) -> int:
         return hash(type(self))
+
+
+def snapshot_info(result: Any) -> DEQInfo:
+    """The DEQInfo of a solve as it stood at a snapshot (a SolverResult), for its metrics."""
+    from deqray.core import DEQInfo
+
+    return DEQInfo(
+        mode="deq",
+        nstep=result.nstep,
+        abs_residual=result.abs_residual,
+        rel_residual=result.rel_residual,
+        converged=result.converged,
+        nfe=result.nfe,
+        forward=result,
+    )
 
 
 def missing_methods(cls: type) -> list[str]:

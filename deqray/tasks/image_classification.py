@@ -20,7 +20,16 @@ from typing import Any, ClassVar
 from deqray.config import ConfigError, DataSection
 
 from . import _data, _presets
-from .base import Batching, DataPlan, EvalOutput, Metric, RunContext, StepOutput, Task
+from .base import (
+    Batching,
+    DataPlan,
+    EvalOutput,
+    Metric,
+    RunContext,
+    StepOutput,
+    Task,
+    snapshot_info,
+)
 
 MATERIALIZE_BYTES = 256 << 20  # decoded image splits up to this size are decoded once
 
@@ -122,36 +131,42 @@ class ImageClassification(Task):
         return image_datasets(run, self._read)
 
     def _read(self, run: RunContext, augment: bool):
-        from deqray.data.vision import vision_datasets
+        from deqray.data.vision import decoded_by_actors, vision_datasets
 
         d, exp = run.experiment.data, run.experiment
         aug: dict[str, Any] = (
             {} if augment else {"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "flip": 0.0}
         )
-        return vision_datasets(
+        # Encoded: the workers decode and augment (no actors to start with each
+        # epoch). A split decoded once (image_datasets keeps it) is decoded by
+        # actors here, as uint8, and only normalised on the workers.
+        datasets = vision_datasets(
             run.plan.root,
             splits=[run.train_split, run.eval_split],
             train_split=run.train_split,
+            output="encoded",
             size=run.plan.details.image_size,
-            actors=d.decode_actors,
-            actor_cpus=d.decode_cpus,
             shuffle=d.shuffle and not d.deterministic,
             seed=exp.train.seed,
             **aug,
         )
+        for split, ds in datasets.items():
+            if _decoded_once(run, split, augment):
+                datasets[split] = decoded_by_actors(
+                    ds, actors=d.decode_actors, actor_cpus=d.decode_cpus
+                )
+        return datasets
 
     def split_batches(self, run: RunContext, split: str, device):
         """The whole split with the evaluation transform (never the training augmentation)."""
         from deqray.data.vision import vision_datasets
 
-        d = run.experiment.data
         ds = vision_datasets(
             run.plan.root,
             splits=[split],
             train_split="(none: every split evaluated)",  # no split gets the augmentation
+            output="encoded",  # decoded in this process, by the iterator's threads
             size=run.plan.details.image_size,
-            actors=d.decode_actors,
-            actor_cpus=d.decode_cpus,
             shuffle=False,
         )[split]
         return self.eval_batches(ds, run, device)
@@ -165,15 +180,20 @@ class ImageClassification(Task):
     # ---- worker ------------------------------------------------------------------------ #
 
     def train_batches(self, shard, run: RunContext, device):
-        for b in shard.iter_torch_batches(
-            batch_size=run.batching.batch_per_worker, drop_last=True, device=device
+        from deqray.data.vision import vision_batches
+
+        # decoded (or, when decoded once, only normalised) on this worker and its device
+        for b in vision_batches(
+            shard, batch_size=run.batching.batch_per_worker, drop_last=True, device=device
         ):
             yield b["image"], b["label"]
 
     def eval_batches(self, shard, run: RunContext, device):
+        from deqray.data.vision import vision_batches
+
         # capped on the data side (image_datasets): a split iterator is read to its end
-        for b in shard.iter_torch_batches(
-            batch_size=run.batching.eval_batch_per_worker, device=device
+        for b in vision_batches(
+            shard, batch_size=run.batching.eval_batch_per_worker, device=device
         ):
             yield b["image"], b["label"]
 
@@ -182,10 +202,26 @@ class ImageClassification(Task):
         logits, info = model(images, pretrain=pretrain, jac_loss=jac_loss)
         return StepOutput(_unwrap(model).loss(logits, labels), info, images.shape[0])
 
+    curve_from_one_solve = True
+
+    def eval_curve_step(self, model, batch, state, budgets) -> dict[int, EvalOutput]:
+        images, labels = batch
+        by_budget, info = model.snapshot_logits(images, budgets)
+        return {
+            k: EvalOutput(
+                self._sums(model, logits.float(), labels), snapshot_info(info.snapshots[k])
+            )
+            for k, logits in by_budget.items()
+        }
+
     def eval_step(self, model, batch, state, *, sradius: bool) -> EvalOutput:
         images, labels = batch
         logits, info = model(images, sradius=sradius)
         logits = logits.float()
+        return EvalOutput(self._sums(model, logits, labels), info, extra={"logits": logits})
+
+    @staticmethod
+    def _sums(model, logits, labels) -> dict[str, float]:
         n = labels.shape[0]
         sums = {
             "loss": float(model.loss(logits, labels)) * n,
@@ -194,7 +230,7 @@ class ImageClassification(Task):
         }
         if logits.shape[1] >= 5:
             sums["top5"] = float((logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum())
-        return EvalOutput(sums, info, extra={"logits": logits})
+        return sums
 
     def summarize(self, sums) -> dict[str, float]:
         n = float(sums.get("images", 0.0))
@@ -233,12 +269,9 @@ def image_datasets(run: RunContext, read) -> tuple[dict[str, Any], Any]:
         # A split iterator must be read to its end: cap the data, not the loop.
         per_eval = run.eval_batches * run.batching.eval_batch_per_worker * run.batching.workers
         datasets[ev] = datasets[ev].limit(per_eval)
-    h, w = run.plan.details.image_size
-    pixels = 3 * h * w * 4
-    rows = run.plan.details.rows
-    if rows[ev] * pixels <= MATERIALIZE_BYTES:
+    if _decoded_once(run, ev, augment):
         datasets[ev] = datasets[ev].materialize()
-    if not augment and rows[train] * pixels <= MATERIALIZE_BYTES:
+    if _decoded_once(run, train, augment):
         datasets[train] = datasets[train].materialize()
         if d.shuffle and not d.deterministic:
             datasets[train] = datasets[train].randomize_block_order()
@@ -247,6 +280,14 @@ def image_datasets(run: RunContext, read) -> tuple[dict[str, Any], Any]:
         options = ExecutionOptions()
         options.preserve_order = True
     return datasets, DataConfig(datasets_to_split=[train, ev], execution_options=options)
+
+
+def _decoded_once(run: RunContext, split: str, augment: bool) -> bool:
+    """A split that is the same on every pass and small enough to keep decoded (as float32)."""
+    if split == run.train_split and augment:
+        return False
+    h, w = run.plan.details.image_size
+    return run.plan.details.rows[split] * 3 * h * w * 4 <= MATERIALIZE_BYTES
 
 
 def _unwrap(model):

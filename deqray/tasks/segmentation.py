@@ -18,7 +18,16 @@ from torch import Tensor
 from deqray.config import ConfigError, DataSection
 
 from . import _data, _presets
-from .base import Batching, DataPlan, EvalOutput, Metric, RunContext, StepOutput, Task
+from .base import (
+    Batching,
+    DataPlan,
+    EvalOutput,
+    Metric,
+    RunContext,
+    StepOutput,
+    Task,
+    snapshot_info,
+)
 
 
 @dataclass
@@ -230,10 +239,25 @@ class Segmentation(Task):
         net = model.module if hasattr(model, "module") else model
         return StepOutput(net.loss(logits, masks), info, images.shape[0])
 
+    curve_from_one_solve = True
+
+    def eval_curve_step(self, model, batch, state, budgets) -> dict[int, EvalOutput]:
+        images, masks = batch
+        by_budget, info = model.snapshot_logits(images, budgets)
+        return {
+            k: EvalOutput(
+                self._sums(model, logits.float(), masks), snapshot_info(info.snapshots[k])
+            )
+            for k, logits in by_budget.items()
+        }
+
     def eval_step(self, model, batch, state, *, sradius: bool) -> EvalOutput:
         images, masks = batch
         logits, info = model(images, sradius=sradius)
-        logits = logits.float()
+        return EvalOutput(self._sums(model, logits.float(), masks), info)
+
+    @staticmethod
+    def _sums(model, logits, masks) -> dict:
         ignore = model.config.ignore_index
         valid = float((masks != ignore).sum())
         conf = confusion_matrix(logits.argmax(1), masks, logits.shape[1], ignore).cpu()
@@ -242,7 +266,7 @@ class Segmentation(Task):
             "pixels": valid,
             "confusion": conf,
         }
-        return EvalOutput(sums, info)
+        return sums
 
     def summarize(self, sums) -> dict[str, float]:
         n = float(sums.get("pixels", 0.0))

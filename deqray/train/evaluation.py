@@ -47,6 +47,37 @@ def evaluate(
                 sums.add(out.sums, out.info.metrics() if out.info is not None else None)
     finally:
         net.train(was_training)
+    return _finish(task, sums, prefix, reduce_fn)
+
+
+def evaluate_curve(
+    task: Task,
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    budgets: list[int],
+    *,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    prefix: str = "val_",
+    reduce_fn: Any = None,
+) -> dict[int, dict[str, float]]:
+    """{budget: metrics} from one solve per batch (a task with `curve_from_one_solve`):
+    each budget's metrics are those `evaluate` gives with the model's eval budget at it."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    sums = {k: EvalSums() for k in budgets}
+    state = task.state_at_epoch_start()
+    try:
+        with torch.no_grad(), autocast():
+            for batch in batches:
+                for k, out in task.eval_curve_step(net, batch, state, list(budgets)).items():
+                    sums[k].add(out.sums, out.info.metrics() if out.info is not None else None)
+    finally:
+        net.train(was_training)
+    return {k: _finish(task, sums[k], prefix, reduce_fn) for k in budgets}
+
+
+def _finish(task: Task, sums: EvalSums, prefix: str, reduce_fn: Any) -> dict[str, float]:
     totals, solver = sums.reduce(reduce_fn)
     out = {prefix + k: v for k, v in task.summarize(totals).items()}
     out.update({prefix + k[len("val_") :]: v for k, v in solver.items()})
