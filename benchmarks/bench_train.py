@@ -60,7 +60,7 @@ from datetime import date, datetime
 
 # Before Ray is imported anywhere: a report otherwise blocks ~2 s on a health
 # check poll (which would also delay noticing a dead worker), and the local
-# instance needs no token (see RAY_NOTES.md).
+# instance needs no token (docs/ray-notes.md, "Clusters and jobs").
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 

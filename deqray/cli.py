@@ -119,7 +119,12 @@ def _tune(args: argparse.Namespace, before_run=None, prog: str = "deqray tune") 
         from deqray.tune.runner import run_study
 
         result = run_study(
-            study, storage=args.storage, name=args.name, resume=args.resume, verbose=True
+            study,
+            storage=args.storage,
+            name=args.name,
+            resume=args.resume,
+            verbose=True,
+            optuna_storage=args.optuna_storage,
         )
     except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
@@ -204,6 +209,20 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from deqray.config import ConfigError
+    from deqray.tune.dashboard import serve
+
+    try:
+        serve(args.experiment, host=args.host, port=args.port)
+    except ConfigError as e:
+        print(f"deqray dashboard: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deqray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--storage", default=None, help="experiments directory: path or s3:// URI")
     tu.add_argument("--name", default=None, help="experiment name (default: the study's)")
     tu.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    tu.add_argument(
+        "--optuna-storage",
+        default=None,
+        metavar="URL",
+        help="the trials' database: any Optuna RDB URL, e.g. postgresql+psycopg2://user@host/db"
+        " (default: the study's optuna_storage, else SQLite kept with the experiment)",
+    )
     tu.add_argument("--print-study", action="store_true", help="print the space and exit")
     tu.set_defaults(func=_tune)
     ev = sub.add_parser(
@@ -291,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--best", action="store_true", help="RUN is an experiment: its best trial")
     which.add_argument("--pareto", action="store_true", help="... every trial on its front")
     ev.set_defaults(func=_evaluate)
+    dash = sub.add_parser(
+        "dashboard", help="serve optuna-dashboard on a study's trials (the dashboard extra)"
+    )
+    dash.add_argument("experiment", help="a study's experiment directory or URI")
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    dash.add_argument("--port", type=int, default=8080, help="port to listen on")
+    dash.set_defaults(func=_dashboard)
     cmp = sub.add_parser("compare", help="reprint the summary of a finished or running study")
     cmp.add_argument("experiment", help="the experiment directory (printed by deqray tune)")
     cmp.set_defaults(func=_compare)

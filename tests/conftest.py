@@ -1,7 +1,7 @@
 """Test session fixtures: one local Ray instance for the whole session, cleaned up by us.
 
 Ray is started once (`ray_session`), with the real 2 CPUs of this machine
-and a custom TRAIN_DRIVER resource for trial drivers (see RAY_NOTES). It is
+and a custom TRAIN_DRIVER resource for trial drivers (docs/ray-notes.md). It is
 shut down at the end of the session by the driver that started it: that
 stops the processes of this instance only (never `ray stop`).
 

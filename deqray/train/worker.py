@@ -115,16 +115,15 @@ class Worker:
     def restore(self, checkpoint) -> None:
         self.hooks.on_event("checkpoint_found", restored=checkpoint is not None)
         if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                self.hooks.on_event("restore_start")
-                self.progress, mine = load_state(
-                    d,
-                    model=self.model,
-                    optimizer=self.optimizer,
-                    scheduler=self.scheduler,
-                    rank=self.rank,
-                    device=self.device,
-                )
+            self.hooks.on_event("restore_start")
+            self.progress, mine = load_state(
+                files.checkpoint_uri(self.run.run_uri, checkpoint),  # read with retries
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                rank=self.rank,
+                device=self.device,
+            )
             set_rng_state(mine["rng"])
             self.state = mine.get("state")
             self.last_eval = dict(self.progress.best)
@@ -133,6 +132,8 @@ class Worker:
                 say(f"[deqray] resumed at step {self.progress.step} (epoch {self.progress.epoch})")
         if self.progress.step >= self.stop_at:
             self.status = "finished"
+        if self.rank == 0:
+            files.check_storage(self.run.run_uri)  # where its checkpoints will go
         if self.rank == 0 and self.exp.logging.tensorboard:
             self.writer = TensorBoardWriter(self.run.run_uri)
             if self.progress.step == 0:
@@ -229,6 +230,7 @@ class Worker:
     def report(self, final: str | None, reason: str = "", save: bool = True) -> None:
         """Evaluate, reduce, log, checkpoint (rank 0), and ray.train.report on every rank."""
         import ray.train
+        from ray.train import CheckpointUploadMode
 
         with self.hooks.phase("stats_reduce"):
             metrics = self.stats.reduce()
@@ -246,32 +248,33 @@ class Worker:
         with self.hooks.phase("gather"):
             mine = {"rng": rng_state(), "state": to_device(self.state, "cpu")}
             per_rank = gather_to_rank0(mine)
-        checkpoint, tmp = None, None
+        checkpoint = None
         if self.rank == 0:
             self._log(metrics, histograms, final, reason)
             if save:
                 with self.hooks.phase("save_state"):
                     tmp = tempfile.mkdtemp(prefix="deqray-ckpt-")
-                    save_state(
-                        tmp,
-                        model=self.model,
-                        optimizer=self.optimizer,
-                        scheduler=self.scheduler,
-                        progress=self.progress,
-                        per_rank=per_rank,
-                        config=self.exp.to_dict(),
-                        model_config=self.run.model,
-                    )
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                    try:
+                        save_state(
+                            tmp,
+                            model=self.model,
+                            optimizer=self.optimizer,
+                            scheduler=self.scheduler,
+                            progress=self.progress,
+                            per_rank=per_rank,
+                            config=self.exp.to_dict(),
+                            model_config=self.run.model,
+                        )
+                        # uploaded by deqray's retrying layer, not by Ray (files.py says why)
+                        checkpoint = files.persist_checkpoint(tmp, self.run.run_uri)
+                    finally:
+                        shutil.rmtree(tmp, ignore_errors=True)
             if final is not None:
                 step = self.progress.step
                 self.end = files.write_status(self.run.run_uri, final, reason, step, metrics)
-        try:
-            with self.hooks.phase("report"):
-                ray.train.report(metrics, checkpoint=checkpoint)
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+        with self.hooks.phase("report"):
+            mode = CheckpointUploadMode.NO_UPLOAD  # already in the run's storage
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode)
         if final is not None:
             self.status = final
 

@@ -129,22 +129,21 @@ def experiment_uri(
     return root, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _storage(study: Study, exp_uri: str, study_name: str):
-    """Optuna's RDB storage: a SQLite file in the experiment directory when it is local."""
-    import optuna
-
-    path = _db_path(exp_uri, study_name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return optuna.storages.RDBStorage(f"sqlite:///{path}"), path
-
-
 def build_tuner(
-    study: Study, exp_root: str, study_name: str, *, resume: bool, steps_per_epoch: int | None
+    study: Study,
+    exp_root: str,
+    study_name: str,
+    *,
+    resume: bool,
+    steps_per_epoch: int | None,
+    storage=None,
 ):
+    """The Tuner of a new study (sampling into the Optuna `storage`), or the restored one."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+
+    from .optuna_storage import StudySearch
 
     exp_uri = exp_root.rstrip("/") + "/" + study_name
     base = study.experiment({}).to_dict()
@@ -155,17 +154,17 @@ def build_tuner(
         runs_uri=exp_uri + "/runs",
     )
     # Trial drivers only wait on their TorchTrainer: a sliver of a custom
-    # resource, so that they hold no CPU the workers need (RAY_NOTES).
+    # resource, so that they hold no CPU the workers need (docs/ray-notes.md,
+    # "Tune over Train").
     trainable = ray.tune.with_resources(trainable, _driver_resources())
     if resume:
         if not ray.tune.Tuner.can_restore(exp_uri):
             raise ConfigError(f"--resume: no study to resume at {exp_uri}")
         return ray.tune.Tuner.restore(exp_uri, trainable=trainable, resume_errored=True), exp_uri
 
-    storage, _ = _storage(study, exp_uri, study_name)
     metrics, modes = study.metric_names(), [study.objectives[m] for m in study.metric_names()]
     multi = len(metrics) > 1
-    searcher = OptunaSearch(
+    searcher = StudySearch(
         space=study.suggest,
         metric=metrics if multi else metrics[0],
         mode=modes if multi else modes[0],
@@ -228,11 +227,18 @@ def run_study(
     name: str | None = None,
     resume: bool = False,
     verbose: bool = True,
+    optuna_storage: str | None = None,
 ) -> StudyResult:
-    """Run (or resume) a study; returns the trials, the front and where everything is."""
+    """Run (or resume) a study; returns the trials, the front and where everything is.
+
+    `optuna_storage`: an Optuna RDB URL for the trials (else the study's
+    `optuna_storage`, else SQLite with the experiment: `optuna_storage.py`).
+    """
     from deqray.data._ray import connect
     from deqray.tasks.registry import runtime_env_for
     from deqray.train.context import plan_run
+
+    from .dashboard import EXTRA
 
     exp_root, study_name = experiment_uri(study, storage, name, resume)
     exp_uri = exp_root.rstrip("/") + "/" + study_name
@@ -246,13 +252,19 @@ def run_study(
         raise ConfigError(
             f"{exp_uri} holds a study already: pass --resume to continue it, or another --name"
         )
+    trials_db = _open_trials_db(study, optuna_storage, exp_uri, study_name, resume)
     base = study.experiment({})
     connect(resources=LOCAL_RESOURCES, runtime_env=runtime_env_for(base.task) or None)
     # The data once, here: an embedded set is generated before trials race for
     # it, and epochs become steps for ASHA's max_t.
     run = plan_run(base)
     tuner, exp_uri = build_tuner(
-        study, exp_root, study_name, resume=resume, steps_per_epoch=run.steps_per_epoch
+        study,
+        exp_root,
+        study_name,
+        resume=resume,
+        steps_per_epoch=run.steps_per_epoch,
+        storage=trials_db,
     )
     if not resume:
         meta.write_bytes(
@@ -273,17 +285,46 @@ def run_study(
     if verbose:
         print(result.table())
         print(f"results: {exp_uri}/{RESULTS}.csv, {exp_uri}/{RESULTS}.parquet, {exp_uri}/{PLOT}")
-        print(f"optuna-dashboard sqlite:///{_db_path(exp_uri, study_name)}")
+        print(f"deqray dashboard {exp_uri}   (optuna-dashboard: {EXTRA})")
         print(f"tensorboard --logdir {exp_uri}")
     return result
 
 
-def _db_path(exp_uri: str, study_name: str) -> str:
-    """SQLite needs a local file: in the experiment directory, or beside the command
-    when the experiment is on remote storage."""
-    if "://" in exp_uri:
-        return os.path.abspath(f"{study_name}.{OPTUNA_DB}")
-    return os.path.join(exp_uri, OPTUNA_DB)
+def _open_trials_db(study: Study, url: str | None, exp_uri: str, study_name: str, resume: bool):
+    """The study's Optuna storage, opened before Ray starts (a wrong URL costs nothing).
+
+    A resumed study keeps the database it started with. Resuming a remote
+    experiment's SQLite study first brings the experiment's copy to this
+    machine; a new study refuses a database that already holds its name.
+    """
+    import optuna
+
+    from .optuna_storage import cache_path, open_storage, restore_copy, shown
+
+    if url is not None and resume and url != study.optuna_storage:
+        was = shown(study.optuna_storage) if study.optuna_storage else "SQLite with the experiment"
+        raise ConfigError(
+            f"--optuna-storage {shown(url)}: study {study_name} keeps its trials in {was}; "
+            "a resumed study keeps its database (leave --optuna-storage out)"
+        )
+    url = url or study.optuna_storage
+    if url is None and "://" in exp_uri:
+        if resume:
+            if restore_copy(exp_uri, study_name) is None:
+                print(f"[deqray] warning: no {OPTUNA_DB} in {exp_uri}: the sampler starts over")
+        elif os.path.exists(cache_path(exp_uri, study_name)):
+            # a leftover of an earlier start under this name: its trials are not this study's
+            os.remove(cache_path(exp_uri, study_name))
+    storage = open_storage(url, exp_uri, study_name)
+    if not resume and study_name in optuna.study.get_all_study_names(storage):
+        storage.engine.dispose()
+        raise ConfigError(
+            f"the Optuna storage {shown(storage.url)} holds a study named {study_name} already: "
+            "pass --resume to continue it, or another --name"
+        )
+    if url is not None:
+        study.optuna_storage = url  # recorded in study.json: --resume finds the database
+    return storage
 
 
 # --------------------------------------------------------------------------- #

@@ -23,6 +23,9 @@ A study file:
     resources: {workers: 1, gpus_per_worker: 0}   # each trial's TorchTrainer (scaling.*)
     seed: 0                           # train.seed of every trial (and the sampler's default)
     storage: runs                     # where experiments go (the CLI's --storage wins)
+    optuna_storage: postgresql+psycopg2://deqray@db:5432/optuna   # the trials' database
+                                      # (any Optuna RDB URL; --optuna-storage wins; default
+                                      # SQLite with the experiment: tune/optuna_storage.py)
     points_to_evaluate: [{optim.lr: 0.002, deq.f_thres: 20, deq.grad: implicit, deq.b_thres: 25}]
 
 Everything is checked here, before Ray starts: a space key must be a config
@@ -86,6 +89,7 @@ STUDY_KEYS = (
     "resources",
     "seed",
     "storage",
+    "optuna_storage",
     "points_to_evaluate",
 )
 SECTIONS = tuple(f.name for f in dataclasses.fields(Experiment) if f.name not in ("source", "task"))
@@ -228,6 +232,7 @@ class Study:
     points_to_evaluate: list[dict]
     name: str
     storage: str | None = None  # the experiments' root (local directory or URI)
+    optuna_storage: str | None = None  # an Optuna RDB URL for the trials (None: SQLite)
     # the base config with overrides, resources and seed applied: every trial's start
     fixed: Experiment = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     base_config: dict = field(default_factory=dict, repr=False, compare=False)
@@ -366,6 +371,7 @@ class Study:
             "resources": dict(self.resources),
             "seed": self.seed,
             "storage": self.storage,
+            "optuna_storage": self.optuna_storage,
             "points_to_evaluate": self.reference_points(),
         }
         if "train.seed" in self.overrides:  # the seed came from there: give it once
@@ -446,6 +452,9 @@ def _parse(data: Any, where: str, overrides: dict | list[str] | None) -> Study:
     storage = data.get("storage")
     if storage is not None and (not isinstance(storage, str) or not storage):
         raise ConfigError(f"{where}: storage: expected a directory or URI, got {storage!r}")
+    optuna_storage = data.get("optuna_storage")
+    if optuna_storage is not None:
+        check_db_url(optuna_storage, f"{where}: optuna_storage")
 
     # the experiment every trial starts from
     if "base" not in data:
@@ -499,6 +508,7 @@ def _parse(data: Any, where: str, overrides: dict | list[str] | None) -> Study:
         points_to_evaluate=[],
         name=name,
         storage=storage,
+        optuna_storage=optuna_storage,
         fixed=fixed,
         base_config=base_cfg.to_dict(),
     )
@@ -507,6 +517,20 @@ def _parse(data: Any, where: str, overrides: dict | list[str] | None) -> Study:
     study.concurrency = _positive_int(data.get("concurrency", 1), f"{where}: concurrency")
     study.points_to_evaluate = _points(data.get("points_to_evaluate"), where, study)
     return study
+
+
+def check_db_url(url: Any, entry: str) -> None:
+    """A database URL in SQLAlchemy's syntax (what Optuna's RDB storage takes)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    example = "e.g. postgresql+psycopg2://user@host:5432/db or sqlite:////abs/path.db"
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"{entry}: expected a database URL ({example}), got {url!r}")
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"{entry}: {url!r} is not a database URL ({example})") from None
 
 
 def _apply_study_overrides(data: dict, overrides: dict | list | None, where: str) -> dict:
