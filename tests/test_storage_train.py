@@ -296,8 +296,9 @@ def test_an_outage_past_the_budget_fails_naming_the_checkpoint_and_the_last_one_
 
 
 def test_an_image_set_preprocessed_to_s3_trains_from_s3_into_s3(s3_server, bucket):
-    """~20 s: digits shards written to s3:// by `deqray preprocess`, read by Ray Data
-    in a 1-worker run whose run directory is on s3:// too."""
+    """~30 s: digits shards written to s3:// by `deqray preprocess`, read by Ray Data
+    in a 1-worker run whose run directory is on s3:// too, then evaluated and loaded
+    from there."""
     data = f"{bucket}/digits"
     assert deqray(["preprocess", "digits", "--out", data, "--set", "shard_mb=0.05"]) == 0
     assert len(load_manifest(data).splits["train"].shards) > 1
@@ -316,3 +317,13 @@ def test_an_image_set_preprocessed_to_s3_trains_from_s3_into_s3(s3_server, bucke
     assert all(0 <= r["val_acc"] <= 1 and math.isfinite(r["val_loss"]) for r in rows)
     assert sorted(checkpoints(run).values()) == [2, 4]
     assert read_state(f"{run}/{max(checkpoints(run))}")["model_config"] is not None
+    # deqray evaluate and deqray.load read the run from s3:// as from a disk
+    from deqray import load
+    from deqray.evaluate.split import evaluate_run
+
+    ev = evaluate_run(run, split="test", progress=False)
+    test_rows = load_manifest(data).splits["test"].rows
+    assert ev.points[0].metrics["test_images"] == test_rows
+    assert 0 <= ev.points[0].metrics["test_acc"] <= 1
+    model, cfg = load(run)
+    assert not model.training and cfg.data.source == data
