@@ -21,6 +21,12 @@ import pytest
 from tests.pg_server import pg_server, pg_url  # noqa: F401 (fixtures)
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 (fixtures)
 
+# Every Ray the tests start, in this process or in a subprocess (`deqray train`
+# run as a user runs it), is a new local instance: ray.init(address="auto")
+# would join any Ray running on the machine, another test session's (pytest
+# -n) or another program's. The cluster tests name their cluster's address.
+os.environ["RAY_ADDRESS"] = "local"
+
 
 @pytest.fixture(scope="session")
 def ray_session(request):

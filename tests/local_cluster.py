@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +158,11 @@ class LocalCluster:
         port = free_port()
         log = self.root / f"{name}.log"
         cmd = [RAY, "start", "--block", "--disable-usage-stats", f"--node-manager-port={port}"]
-        cmd += args
+        # The agent's HTTP port (which serves job submission on the head) is
+        # fixed by default (52365): another Ray on the machine, or another node
+        # of this cluster, holding it leaves the head's agent without HTTP and
+        # every job refused ("No available agent to submit job").
+        cmd += [f"--dashboard-agent-listen-port={free_port()}", *args]
         if cores is not None:
             cmd = ["taskset", "-c", cores, *cmd]
         with open(log, "w") as fh:
@@ -208,17 +214,37 @@ class LocalCluster:
             [RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
-    def node_table(self) -> list[dict]:
-        """`ray list nodes` as dicts (node_id, state, resources_total, ...)."""
-        out = self.ray_cli(
-            "list", "nodes", "--format", "json", "--detail", "--address", self.address
-        )
-        if out.returncode != 0:
-            return []
+    # The cluster's state is read from the dashboard's REST API, the one the
+    # `ray list` and `ray job` commands call: each such command is a Python
+    # process that imports Ray, seconds of CPU on a 2-core machine, and a
+    # polling loop of them slowed the training it waited for.
+
+    def _get(self, path: str, params: dict | None = None, timeout: float = 30):
+        """GET `path` of the dashboard as JSON; None where the dashboard does not answer yet."""
+        url = self.dashboard + path
+        if params:
+            url += "?" + urllib.parse.urlencode(params, doseq=True)
         try:
-            return json.loads(out.stdout)
-        except json.JSONDecodeError:
-            return []
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except (OSError, json.JSONDecodeError):  # urllib's errors are OSErrors
+            return None
+
+    def _state(self, resource: str, filters: dict | None = None) -> list[dict] | None:
+        """The state API's `resource` list (as `ray list RESOURCE --detail`), None on error."""
+        params: dict = {"detail": "true", "limit": 10000}
+        if filters:
+            params["filter_keys"] = list(filters)
+            params["filter_predicates"] = ["="] * len(filters)
+            params["filter_values"] = list(filters.values())
+        out = self._get(f"/api/v0/{resource}", params)
+        if not out or not out.get("result"):
+            return None
+        return out["data"]["result"]["result"]
+
+    def node_table(self) -> list[dict]:
+        """`ray list nodes --detail` as dicts (node_id, state, resources_total, ...)."""
+        return self._state("nodes") or []
 
     def alive(self) -> int:
         return sum(n.get("state") == "ALIVE" for n in self.node_table())
@@ -233,65 +259,59 @@ class LocalCluster:
                 )
             if self.alive() == n:
                 return
-            time.sleep(1.0)
+            time.sleep(0.25)
         raise TimeoutError(f"the cluster did not reach {n} alive nodes in {timeout:.0f} s")
 
     def actors(self, class_name: str) -> list[dict]:
-        out = self.ray_cli(
-            "list",
-            "actors",
-            "--format",
-            "json",
-            "--detail",
-            "--limit",
-            "10000",
-            "--filter",
-            f"class_name={class_name}",
-            "--address",
-            self.address,
-        )
-        out.check_returncode()
-        return json.loads(out.stdout)
+        """`ray list actors --detail` of one class, dead ones included."""
+        out = self._state("actors", {"class_name": class_name})
+        if out is None:
+            raise RuntimeError(f"the dashboard at {self.dashboard} did not list the actors")
+        return out
 
     def submit(self, entrypoint: list[str], working_dir: str, wait: bool = True, timeout=900):
-        """`ray job submit` (waits for the job and returns its exit; no wait: the job id)."""
-        job_id = f"test-{os.getpid()}-{int(time.time() * 1000)}"
-        cmd = [
-            RAY,
-            "job",
-            "submit",
-            "--address",
-            self.dashboard,
-            "--submission-id",
-            job_id,
-            "--working-dir",
-            working_dir,
-        ]
-        if not wait:
-            cmd.append("--no-wait")
-        cmd += ["--", *entrypoint]
-        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
-        return job_id, proc
+        """`ray job submit` (waits for the job and returns its exit; no wait: the job id).
+
+        A head whose job agent has not registered yet refuses the job ("No
+        available agent ... try again later"), which a loaded machine shows
+        for some seconds after the head starts: the submission is repeated."""
+        deadline = time.monotonic() + 60
+        while True:
+            job_id = f"test-{os.getpid()}-{int(time.time() * 1000)}"
+            cmd = [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                self.dashboard,
+                "--submission-id",
+                job_id,
+                "--working-dir",
+                working_dir,
+            ]
+            if not wait:
+                cmd.append("--no-wait")
+            cmd += ["--", *entrypoint]
+            proc = subprocess.run(
+                cmd, env=self.env, capture_output=True, text=True, timeout=timeout
+            )
+            refused = "No available agent to submit job" in proc.stdout + proc.stderr
+            if not (proc.returncode != 0 and refused and time.monotonic() < deadline):
+                return job_id, proc
+            time.sleep(2.0)
 
     def job_status(self, job_id: str) -> str:
-        out = self.ray_cli(
-            "job", "status", "--log-style", "record", "--address", self.dashboard, job_id
-        )
-        text = (out.stdout + out.stderr).lower()
-        for state, words in (
-            ("SUCCEEDED", "succeeded"),
-            ("FAILED", "failed"),
-            ("STOPPED", "stopped"),
-            ("RUNNING", "running"),
-            ("PENDING", "not started"),
-        ):
-            if words in text:
-                return state
-        return "UNKNOWN"
+        """PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED; UNKNOWN where the dashboard did not say."""
+        out = self._get(f"/api/jobs/{job_id}")
+        return out.get("status", "UNKNOWN") if isinstance(out, dict) else "UNKNOWN"
 
     def job_logs(self, job_id: str) -> str:
-        out = self.ray_cli("job", "logs", "--address", self.dashboard, job_id, timeout=120)
-        return out.stdout + out.stderr
+        out = self._get(f"/api/jobs/{job_id}/logs", timeout=120)
+        if not isinstance(out, dict):
+            # the CLI says why the dashboard did not answer
+            out = self.ray_cli("job", "logs", "--address", self.dashboard, job_id, timeout=120)
+            return out.stdout + out.stderr
+        return out.get("logs", "")
 
     def wait_job(self, job_id: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -299,7 +319,7 @@ class LocalCluster:
             state = self.job_status(job_id)
             if state in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return state
-            time.sleep(2.0)
+            time.sleep(0.5)
         return "TIMEOUT"
 
     # ------------------------------------------------------------------ #
@@ -320,12 +340,14 @@ class LocalCluster:
 
     def stop(self) -> None:
         """End every process of this cluster, then remove its files. `ray start --block`
-        stops its own processes on SIGTERM; what is left after that is killed."""
+        stops its own processes on SIGTERM; what is left after a few seconds is killed
+        (a head that ran jobs was measured not to be done in 15 s: nothing is gained
+        by waiting long for processes that are killed next)."""
         marker = str(self.root)
         for node in reversed(self.nodes):
             if node.proc.poll() is None:
                 node.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 5
         for node in self.nodes:
             try:
                 node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))

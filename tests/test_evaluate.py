@@ -1,7 +1,8 @@
 """`deqray evaluate` and `deqray.load` against independent computations written here.
 
-Two short training runs on the session's Ray (a language model trained by 2
-workers, an MDEQ on preprocessed digits), then: the language model's test
+Two short training runs on the session's Ray, shared with the test files
+that train them (tests/shared_runs.py): a language model trained by 2
+workers and an MDEQ on preprocessed digits. Then: the language model's test
 loss against the loaded model run over the test stream segment by segment
 with its memory, NLL summed by hand; top-1/top-5 against scikit-learn on the
 loaded model's own predictions; each point of a compute-quality curve
@@ -27,50 +28,25 @@ from deqray.data import load_manifest
 from deqray.evaluate import EvaluateError, evaluate_run
 from deqray.evaluate.runs import SNAPSHOT
 from deqray.tasks._data import embedded_root
-from deqray.train.driver import fit
-
-LM = [
-    "data.options={tokens: 20000}",
-    "data.tgt_len=16",
-    "data.eval_tgt_len=12",
-    "optim.batch_size=8",
-    "optim.steps=12",
-    "train.pretrain_steps=4",
-    "train.eval_every=6",
-    "train.eval_batches=2",
-    "checkpoint.keep=null",
-]
+from tests import shared_runs
 
 
 @pytest.fixture(scope="module")
 def lm_run(ray_session, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    result = fit(
-        "markov-tiny",
-        [*LM, f"data.cache={cache}"],
-        workers=2,
-        storage=str(tmp_path_factory.mktemp("runs")),
-        verbose=False,
-    )
-    assert result.return_value["status"] == "finished"
-    return result.path
+    """A language model trained by 2 workers for 24 steps, checkpointed every 6, evaluated in
+    segments of 12 tokens (trained on 16): shared with tests/test_train.py."""
+    run = shared_runs.language_model(tmp_path_factory)
+    assert run.result.return_value["status"] == "finished"
+    return run.path
 
 
 @pytest.fixture(scope="module")
 def digits(ray_session, tmp_path_factory):
-    from deqray.data.digits import write_digits
-
-    data = tmp_path_factory.mktemp("digits") / "set"
-    write_digits(None, str(data), progress=False)
-    result = fit(
-        "digits-tiny",
-        [f"data.source={data}", "optim.steps=12", "train.pretrain_steps=4", "train.eval_every=6"],
-        workers=1,
-        storage=str(tmp_path_factory.mktemp("runs")),
-        verbose=False,
-    )
-    assert result.return_value["status"] == "finished"
-    return result.path, data
+    """An MDEQ trained for 16 steps, checkpointed every 4, on the digits written to a
+    directory of their own: the image classifier's run of tests/test_tasks_contract.py."""
+    run = shared_runs.contract_run("image_classification", tmp_path_factory)
+    assert run.result.return_value["status"] == "finished"
+    return run.path, shared_runs.digits(tmp_path_factory)
 
 
 def _tokens(manifest, split: str) -> torch.Tensor:
@@ -90,8 +66,9 @@ def test_language_model_test_loss_equals_the_stream_run_by_hand(lm_run):
     x, y = tokens[:-1][None], tokens[1:][None]
     total, mems = 0.0, None
     with torch.no_grad():
-        for i in range(0, x.shape[1], 12):  # data.eval_tgt_len, memory carried
-            out = model(x[:, i : i + 12], y[:, i : i + 12], mems)
+        seg = shared_runs.LM_EVAL_TGT_LEN  # data.eval_tgt_len, memory carried
+        for i in range(0, x.shape[1], seg):
+            out = model(x[:, i : i + seg], y[:, i : i + seg], mems)
             total += float(out.nll.double().sum())
             mems = out.mems
     n = x.shape[1]
@@ -99,7 +76,7 @@ def test_language_model_test_loss_equals_the_stream_run_by_hand(lm_run):
     assert math.isclose(point.metrics["test_loss"] * n, total, rel_tol=1e-6)
     assert math.isclose(point.metrics["test_ppl"], math.exp(total / n), rel_tol=1e-6)
     assert point.metrics["test_fwd_nstep"] > 0 and 0 <= point.metrics["test_fwd_converged"] <= 1
-    assert ev.primary == "test_ppl" and ev.step == 12
+    assert ev.primary == "test_ppl" and ev.step == 24
 
 
 def test_classification_against_sklearn_on_the_loaded_models_predictions(digits):
@@ -142,13 +119,15 @@ def test_each_point_of_the_curve_equals_a_separate_evaluation(digits, tmp_path):
         assert alone.metrics == point["metrics"]
         assert point["metrics"]["test_fwd_nstep_max"] <= point["f_thres"]
     assert curve["points"][0]["metrics"] != curve["points"][1]["metrics"]
+    # one pass gave both points (the snapshots of one solve): they share its time
+    assert curve["points"][0]["seconds"] == curve["points"][1]["seconds"]
 
 
 def test_the_best_checkpoint_is_the_one_with_the_best_primary_metric(lm_run):
     from deqray.evaluate.runs import checkpoints, resolve_checkpoint
 
     found = checkpoints(lm_run)
-    assert len(found) == 2  # steps 6 and 12 (checkpoint.keep=null)
+    assert len(found) == 4  # steps 6, 12, 18 and 24 (checkpoint.keep=null)
     best = resolve_checkpoint(lm_run, "best")
     assert best.metrics["val_ppl"] == min(c.metrics["val_ppl"] for c in found)
     assert resolve_checkpoint(lm_run, "latest").uri == found[-1].uri

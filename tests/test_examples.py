@@ -3,8 +3,10 @@
 `deqray train examples/deblur/experiment.yaml` and `deqray tune
 examples/deblur/study.yaml` from the project root, each in a subprocess with
 its own local Ray (the task's package travels to the workers in the job's
-runtime environment). Cost: three short training runs and a 2-trial study,
-about 2 minutes.
+runtime environment). A run stopped and resumed by `deqray train` is held
+to the uninterrupted run of the same settings that the task contract trains
+on the session's Ray (tests/shared_runs.py). Cost: three short training
+runs in subprocesses and a 2-trial study, about 2 minutes.
 """
 
 from __future__ import annotations
@@ -19,27 +21,37 @@ import pytest
 
 from deqray.train.driver import read_metrics
 from deqray.tune.runner import load_results
+from tests import shared_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "examples/deblur/experiment.yaml"
+TASK = "deblur (examples/)"  # its name in tests/shared_runs.TASKS
 SMALL = [
-    "optim.steps=16",
+    "optim.steps=8",
     "optim.batch_size=16",
     "optim.lr=0.01",
-    "train.pretrain_steps=4",
+    "train.pretrain_steps=2",
     "train.eval_every=4",
-    "data.train_size=512",
+    "data.train_size=256",
     "data.eval_size=64",
+    "deq.f_thres=12",
+    "deq.b_thres=12",
 ]
 
 
+# Each subprocess starts its own Ray. Off: the preemption watcher (an actor
+# process per worker group) and Ray Train's metrics, which no test reads.
+RAY_ENV = {
+    "RAY_ADDRESS": "local",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+
+
 def deqray(*args, timeout=600) -> str:
-    env = dict(
-        os.environ,
-        RAY_ADDRESS="local",
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
-        RAY_DATA_DISABLE_PROGRESS_BARS="1",
-    )
+    env = dict(os.environ, **RAY_ENV)
     env.pop("PYTHONPATH", None)  # the task must come from the project root alone
     proc = subprocess.run(
         [sys.executable, "-m", "deqray.cli", *map(str, args)],
@@ -54,23 +66,25 @@ def deqray(*args, timeout=600) -> str:
     return out
 
 
-def test_deqray_train_runs_the_example_task_and_resumes_it_exactly(tmp_path):
-    out = deqray("train", EXPERIMENT, *SMALL, "--storage", tmp_path, "--name", "whole")
-    assert "(deblur)" in out and "finished at step 16" in out and "val mse" in out
-    whole = read_metrics(str(tmp_path / "whole"))
-    assert [r["step"] for r in whole] == [4, 8, 12, 16]
-    assert whole[-1]["train_loss"] < whole[0]["train_loss"]
-    assert whole[-1]["val_psnr"] > whole[0]["val_psnr"]
+def test_deqray_train_runs_the_example_task_and_resumes_it_exactly(
+    ray_session, tmp_path_factory, tmp_path
+):
+    # The uninterrupted run is the example task's run of the task contract,
+    # trained on the session's Ray (tests/shared_runs.py); these two, each a
+    # `deqray train` with its own Ray, must follow it exactly.
+    whole = shared_runs.contract_run(TASK, tmp_path_factory)
+    settings = [EXPERIMENT, *whole.overrides, "--storage", tmp_path, "--name", "r"]
 
     # stopped at step 8, then the same name resumes it to the end
-    deqray(
-        "train", EXPERIMENT, *SMALL, "train.stop_at_step=8", "--storage", tmp_path, "--name", "r"
-    )
-    out = deqray("train", EXPERIMENT, *SMALL, "--storage", tmp_path, "--name", "r")
-    assert "resuming run r" in out
+    out = deqray("train", *settings, "train.stop_at_step=8")
+    assert "(deblur)" in out and "stopped at step 8" in out
+    out = deqray("train", *settings)
+    assert "resuming run r" in out and "finished at step 16" in out and "val mse" in out
     resumed = read_metrics(str(tmp_path / "r"))
     assert [r["step"] for r in resumed] == [4, 8, 12, 16]
-    for a, b in zip(whole, resumed, strict=True):
+    assert resumed[-1]["train_loss"] < resumed[0]["train_loss"]
+    assert resumed[-1]["val_psnr"] > resumed[0]["val_psnr"]
+    for a, b in zip(read_metrics(whole.path), resumed, strict=True):
         for key in ("train_loss", "val_mse"):
             assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-8), (a["step"], key)
 
@@ -80,7 +94,7 @@ def test_deqray_tune_sweeps_the_example_task_on_its_own_metrics(tmp_path):
         "tune",
         "examples/deblur/study.yaml",
         "trials=2",
-        *(x for x in SMALL if not x.startswith("optim.lr")),  # the study searches lr
+        *(x for x in SMALL if not x.startswith(("optim.lr", "deq.f_thres"))),  # searched
         "--storage",
         tmp_path,
         "--name",
@@ -129,12 +143,7 @@ def test_the_readme_task_example_trains_from_its_project_root(tmp_path):
         "task: mypkg.tasks:Regression\nmodel: {width: 16}\ndeq: {f_thres: 12, b_thres: 12}\n"
         "optim: {steps: 16, batch_size: 32, lr: 0.01}\ntrain: {eval_every: 8}\n"
     )
-    env = dict(
-        os.environ,
-        RAY_ADDRESS="local",
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
-        RAY_DATA_DISABLE_PROGRESS_BARS="1",
-    )
+    env = dict(os.environ, **RAY_ENV)
     proc = subprocess.run(
         [
             sys.executable,

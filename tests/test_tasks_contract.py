@@ -10,82 +10,38 @@ reported, and the same run with its worker killed mid-way:
   the report and in TensorBoard, and the report holds nothing undeclared;
 * the killed run resumes from its checkpoint on the same trajectory.
 
-Cost: two runs of about 10 s each per task.
+The tasks and their settings are in tests/shared_runs.py: the uninterrupted
+runs are read by other test files too. Cost: two runs per task, of about
+25 s each on 2 cores, nearly all of it the fit's fixed start-up.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import pytest
 
 from deqray.train.driver import fit, read_metrics, resolve
 from deqray.train.report import report_metrics, task_metrics
 from deqray.train.tensorboard import tag_for
-
-ROOT = Path(__file__).resolve().parents[1]
-COMMON = [
-    "optim.steps=16",
-    "train.pretrain_steps=4",
-    "train.eval_every=4",
-    "train.eval_batches=2",
-    "train.eval_sradius=true",
-    "train.log_every=1000",
-    "reg.jac_loss_weight=0.1",
-    "reg.jac_loss_freq=1.0",
-    "optim.warmup_steps=0",
-    "optim.schedule=constant",
-    "checkpoint.keep=null",
-]
-TASKS = {
-    "language_model": (
-        "markov-tiny",
-        [
-            "data.options={tokens: 20000}",
-            "optim.batch_size=8",
-            "optim.lr=0.003",
-            "model.dropout=0.1",
-        ],
-    ),
-    "image_classification": (
-        "digits-tiny",
-        ["data.deterministic=true", "optim.batch_size=16", "optim.lr=0.003"],
-    ),
-    "segmentation": (
-        "shapes-mdeq-tiny",
-        [
-            "data.options={train_images: 64, test_images: 16, size: 16}",
-            "data.crop_size=[16, 16]",
-            "data.deterministic=true",
-            "optim.batch_size=8",
-            "deq.f_thres=8",
-            "deq.b_thres=8",
-        ],
-    ),
-    "deblur (examples/)": (
-        str(ROOT / "examples/deblur/experiment.yaml"),
-        ["optim.batch_size=16", "optim.lr=0.01", "data.train_size=512", "data.eval_size=64"],
-    ),
-}
+from tests import shared_runs
+from tests.shared_runs import TASKS
 
 
 @pytest.fixture(scope="module", params=list(TASKS))
 def runs(request, ray_session, tmp_path_factory):
-    config, overrides = TASKS[request.param]
-    cache = tmp_path_factory.mktemp("data")
-    storage = tmp_path_factory.mktemp("runs")
-    cfg = resolve(config, [*COMMON, *overrides, f"data.cache={cache}"])
-    whole = fit(cfg, workers=1, storage=str(storage), verbose=False)
+    # the uninterrupted run is shared with the tests that only read it (tests/shared_runs.py)
+    whole = shared_runs.contract_run(request.param, tmp_path_factory)
+    cfg = resolve(whole.config, whole.overrides)
     killed = fit(
         cfg,
         ["debug.fail_at_step=10", "checkpoint.max_failures=1"],
-        workers=1,
-        storage=str(storage),
+        workers=whole.workers,
+        storage=str(whole.storage),
         verbose=False,
     )
-    return cfg, whole, killed
+    return cfg, whole.result, killed
 
 
 def test_the_run_finishes_and_its_loss_falls(runs):

@@ -1,8 +1,10 @@
 """deqray.train end to end: Ray Train with two CPU workers (gloo) on the embedded data sets.
 
 Each test is one or two short TorchTrainer runs on the session's Ray
-instance. Runs read their reports back from `<run>/metrics.jsonl` and
-TensorBoard's files with TensorBoard's own EventAccumulator.
+instance; the language model's uninterrupted run is shared
+(tests/shared_runs.py: tests/test_evaluate.py evaluates it). Runs read their
+reports back from `<run>/metrics.jsonl` and TensorBoard's files with
+TensorBoard's own EventAccumulator.
 """
 
 from __future__ import annotations
@@ -14,23 +16,11 @@ import os
 import pytest
 
 from deqray.train.driver import fit, read_metrics, read_status
+from tests import shared_runs
+from tests.shared_runs import LM
 
 pytestmark = pytest.mark.usefixtures("ray_clean")
 
-# A small corpus and model; losses must fall within a few dozen steps.
-LM = [
-    "model.preset=deq-transformer-tiny",
-    "data.source=markov",
-    "data.options={tokens: 20000}",
-    "data.tgt_len=16",
-    "optim.batch_size=8",
-    "optim.lr=0.003",
-    "optim.warmup_steps=0",
-    "optim.schedule=constant",
-    "train.eval_batches=4",
-    "train.log_every=1000",
-    "checkpoint.keep=null",
-]
 VISION = [
     "model.preset=mdeq-cifar-tiny",
     "model.dropout=0.0",
@@ -47,7 +37,15 @@ VISION = [
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
+    return str(shared_runs.data_cache(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def lm_run(ray_session, tmp_path_factory):
+    """The shared language-model run (tests/shared_runs.py): 2 workers, 24 steps, an
+    evaluation and a checkpoint every 6, dropout, f_thres jitter, the Jacobian loss on a
+    random half of the steps and the spectral radius on."""
+    return shared_runs.language_model(tmp_path_factory)
 
 
 def run(base, *overrides, cache, storage, workers=2, name=None):
@@ -84,18 +82,8 @@ SOLVER_KEYS = [
 COMMON_KEYS = ["train_loss", "val_loss", "lr", "step_time", "items_per_s", "status", "step"]
 
 
-def test_language_model_two_workers(cache, tmp_path):
-    result, rows = run(
-        LM,
-        "optim.steps=24",
-        "train.pretrain_steps=6",
-        "train.eval_every=6",
-        "train.eval_sradius=true",
-        "reg.jac_loss_weight=0.5",
-        "reg.jac_loss_freq=1.0",
-        cache=cache,
-        storage=tmp_path,
-    )
+def test_language_model_two_workers(lm_run):
+    result, rows = lm_run.result, read_metrics(lm_run.path)
     assert result.error is None
     assert result.return_value["status"] == "finished"
     assert [r["step"] for r in rows] == [6, 12, 18, 24]
@@ -103,7 +91,7 @@ def test_language_model_two_workers(cache, tmp_path):
     for key in [*COMMON_KEYS, *SOLVER_KEYS, "val_ppl", "jac_loss", "val_sradius", "val_tokens"]:
         assert key in last, key
     # every token of the 4 evaluation batches of both workers, counted once
-    assert last["val_tokens"] == 4 * 8 * 16
+    assert last["val_tokens"] == 4 * 8 * shared_runs.LM_EVAL_TGT_LEN
     assert math.isclose(last["val_ppl"], math.exp(last["val_loss"]), rel_tol=1e-6)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.1
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.1
@@ -172,9 +160,10 @@ def test_mdeq_two_workers_through_the_cli(cache, tmp_path, capsys):
 
 
 def test_segmentation_two_workers_loss_falls_and_miou_rises(cache, tmp_path):
+    # 16-pixel images: a step costs a quarter of one at the shipped 32 pixels
     result, rows = run(
         [
-            "data.options={train_images: 256, test_images: 64}",
+            "data.options={train_images: 256, test_images: 64, size: 16}",
             "optim.batch_size=16",
             "deq.f_thres=8",
             "deq.b_thres=8",
@@ -187,7 +176,7 @@ def test_segmentation_two_workers_loss_falls_and_miou_rises(cache, tmp_path):
         "model.dropout=0.0",
         "model.num_groups=4",
         "data.source=shapes",
-        "data.crop_size=[32, 32]",
+        "data.crop_size=[16, 16]",
         "optim.lr=0.002",
         "optim.steps=32",
         "train.pretrain_steps=8",
@@ -199,7 +188,7 @@ def test_segmentation_two_workers_loss_falls_and_miou_rises(cache, tmp_path):
     assert [r["step"] for r in rows] == [16, 32]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert rows[-1]["val_miou"] > rows[0]["val_miou"] > 0.25  # four classes: chance is lower
-    assert rows[-1]["val_pixels"] == 64 * 32 * 32  # every test pixel, both workers' halves
+    assert rows[-1]["val_pixels"] == 64 * 16 * 16  # every test pixel, both workers' halves
     assert all(0 <= rows[-1][f"val_iou_{c}"] <= 1 for c in range(4))
 
 
@@ -214,50 +203,42 @@ def _same(a, b):
         assert math.isclose(vl_a, vl_b, rel_tol=1e-5, abs_tol=1e-6), (s, vl_a, vl_b)
 
 
-def test_worker_failure_and_driver_restart_continue_the_same_trajectory(cache, tmp_path):
-    # Dropout and f_thres jitter on, Jacobian loss on a random half of the
-    # steps, and memory across segments: everything a resume must restore.
-    common = [
-        "optim.steps=16",
-        "train.pretrain_steps=4",
-        "train.eval_every=4",
-        "model.dropout=0.1",
-        "deq.f_thres_jitter=3",
-        "reg.jac_loss_weight=0.3",
-        "reg.jac_loss_freq=0.5",
-    ]
-    whole, rows = run(LM, *common, cache=cache, storage=tmp_path / "a")
-    assert whole.return_value["status"] == "finished"
+def test_worker_failure_and_driver_restart_continue_the_same_trajectory(lm_run, cache):
+    # The shared run (dropout, f_thres jitter, the Jacobian loss on a random
+    # half of the steps, memory across segments) is the uninterrupted one.
+    storage = lm_run.storage
+    assert lm_run.result.return_value["status"] == "finished"
 
-    # a worker (rank 1) dies at step 10: restored from the step-8 checkpoint
-    failed, rows_f = run(
-        LM,
-        *common,
-        "debug.fail_at_step=10",
+    # a second run without a name in the same storage is a new run: nothing resumed
+    first, _ = run(
+        lm_run.overrides,
+        "train.stop_at_step=12",
+        cache=cache,
+        storage=storage,
+        workers=lm_run.workers,
+    )
+    assert first.path != lm_run.path
+    assert sorted(os.listdir(storage)) == sorted(
+        os.path.basename(r.path) for r in (lm_run.result, first)
+    )
+    # the driver stops at step 12; a new driver, given its name, resumes it
+    assert first.return_value["status"] == "stopped"
+    assert first.metrics["step"] == 12
+    # ... and a worker (rank 1) dies at step 22: Ray Train restarts the workers from a checkpoint
+    second, rows = run(
+        lm_run.overrides,
+        "debug.fail_at_step=22",
         "debug.fail_rank=1",
         "checkpoint.max_failures=1",
         cache=cache,
-        storage=tmp_path / "a",
+        storage=storage,
+        workers=lm_run.workers,
+        name=os.path.basename(first.path),
     )
-    assert failed.return_value["status"] == "finished"
-    # two runs without a name in one storage: two new runs, nothing resumed
-    assert failed.path != whole.path
-    assert sorted(os.listdir(tmp_path / "a")) == sorted(
-        os.path.basename(r.path) for r in (whole, failed)
-    )
-    faults = os.listdir(os.path.join(failed.path, "_faults"))
-    assert faults == ["step-10"]
-    _same(_trajectory(rows), _trajectory(rows_f))
-
-    # the driver stops at step 8; the same name resumes to the end
-    first, _ = run(
-        LM, *common, "train.stop_at_step=8", cache=cache, storage=tmp_path / "c", name="again"
-    )
-    assert first.return_value["status"] == "stopped"
-    assert first.metrics["step"] == 8
-    second, rows_c = run(LM, *common, cache=cache, storage=tmp_path / "c", name="again")
+    assert second.path == first.path
     assert second.return_value["status"] == "finished"
-    _same(_trajectory(rows), _trajectory(rows_c))
+    assert os.listdir(os.path.join(second.path, "_faults")) == ["step-22"]
+    _same(_trajectory(read_metrics(lm_run.path)), _trajectory(rows))
 
 
 def test_divergence_is_reported_and_keeps_the_last_good_checkpoint(cache, tmp_path):
