@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from tests.pg_server import pg_server, pg_url  # noqa: F401 (fixtures)
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 (fixtures)
@@ -26,6 +27,43 @@ from tests.s3_server import s3_bucket, s3_server  # noqa: F401 (fixtures)
 # would join any Ray running on the machine, another test session's (pytest
 # -n) or another program's. The cluster tests name their cluster's address.
 os.environ["RAY_ADDRESS"] = "local"
+
+# Two pytest-xdist processes share the machine's 2 cores. torch's OpenMP pool
+# would take both cores in each process, and the two pools' spinning threads
+# slowed compute-bound tests 10-30x (tests/test_transformer.py's overfit test:
+# 5 s alone, 170 s beside another test process). One thread per process;
+# subprocesses and Ray workers inherit OMP_NUM_THREADS.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+# Ray Train's controller watches for spot-instance preemption notices: an actor
+# per run, which a test on this machine only pays for.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+# Under `-n 2 --dist loadfile` a file runs whole in one process (its module
+# fixtures are built once). The files that read tests/shared_runs.py's runs
+# count as one file, so that each shared run is trained once, not once per
+# process. (xdist's `--dist loadgroup` would do this with marks, but xdist 3.8
+# renames node ids in a way that pytest 9 no longer reads: the groups are
+# silently ignored.)
+SHARED_RUN_FILES = frozenset(
+    {"test_train.py", "test_tasks_contract.py", "test_examples.py", "test_evaluate.py"}
+)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunsTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return "tests/shared_runs" if file.rsplit("/", 1)[-1] in SHARED_RUN_FILES else file
+
+    return SharedRunsTogether(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +87,17 @@ def ray_session(request):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch at 1 thread for the test: a training trajectory depends on the
+    order of float reductions, hence on the thread count; a test whose
+    thresholds were checked over seeds at one count pins it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

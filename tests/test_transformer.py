@@ -563,13 +563,15 @@ def test_bf16_autocast_keeps_the_state_in_float32(cutoffs):
 # ------------------------------------------------------------------ training
 
 
-def test_a_tiny_model_overfits_a_stream_and_switches_from_pretraining_to_deq():
+def test_a_tiny_model_overfits_a_stream_and_switches_from_pretraining_to_deq(one_torch_thread):
     torch.manual_seed(0)
     model = tiny(dropout=0.0, deq={"f_thres": 12, "b_thres": 12})
     stream = tokens(1, 49, seed=5).view(-1)
     x = torch.stack([stream[0:24], stream[24:48]])  # two rows of one stream
     y = torch.stack([stream[1:25], stream[25:49]])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    # lr 1e-2 spiked on some seeds (seed 2: 0.34 -> 1.65 around step 100); at
+    # 5e-3 seeds 0-4 end 3.8-10x below the thresholds (at the pinned 1 thread).
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     losses, modes = [], []
     for step in range(150):
         out = model(x, y, pretrain=step < 30)
