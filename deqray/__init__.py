@@ -11,7 +11,7 @@ def load(run, checkpoint: str = "latest", device=None):
     """(model, config): a run's trained model in eval mode and its experiment config.
 
     `run`: a run directory or URI written by `deqray train` (or a trial's,
-    `<experiment>/runs/<trial_id>`); `checkpoint`: "latest", "best" (by the
+    `<experiment>/runs/<trial name>`); `checkpoint`: "latest", "best" (by the
     task's primary metric) or a checkpoint path. See `deqray.evaluate.runs`.
     """
     from deqray.evaluate.runs import load as _load

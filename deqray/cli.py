@@ -125,6 +125,7 @@ def _tune(args: argparse.Namespace, before_run=None, prog: str = "deqray tune") 
             resume=args.resume,
             verbose=True,
             optuna_storage=args.optuna_storage,
+            show_ray=args.verbose,
         )
     except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
@@ -206,6 +207,22 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     print(result.table())
     print(f"tensorboard --logdir {result.experiment}")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    import json
+
+    if args.kind == "experiment":
+        from deqray.config import experiment_schema as make
+    else:
+        from deqray.tune.study_schema import study_schema as make
+    text = json.dumps(make(), indent=2) + "\n"
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -293,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: the study's optuna_storage, else SQLite kept with the experiment)",
     )
     tu.add_argument("--print-study", action="store_true", help="print the space and exit")
+    tu.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="Ray Tune's and the workers' output on the terminal (default: the trial table and "
+        "one line per trial event; the rest in <experiment>/ray.log)",
+    )
     tu.set_defaults(func=_tune)
     ev = sub.add_parser(
         "evaluate",
@@ -327,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="reprint the summary of a finished or running study")
     cmp.add_argument("experiment", help="the experiment directory (printed by deqray tune)")
     cmp.set_defaults(func=_compare)
+    sch = sub.add_parser(
+        "schema", help="print the JSON Schema of experiment or study files (for YAML editors)"
+    )
+    sch.add_argument("kind", choices=["experiment", "study"])
+    sch.add_argument("--out", default=None, help="write it to this file instead")
+    sch.set_defaults(func=_schema)
     return parser
 
 

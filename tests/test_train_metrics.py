@@ -4,10 +4,12 @@ The shipped tasks' evaluations run through `deqray.train.evaluation.evaluate`
 on canned models (fixed logits, no solve), so the reductions and each task's
 metrics are checked against numpy / scikit-learn on the same numbers.
 
-The two-rank test runs real torch.distributed (gloo, FileStore rendezvous in a
-tmp dir: no ports) in two spawned processes; no Ray. The spawned processes
-import this module, so sklearn and tensorboard are imported inside the tests
-that use them (sklearn alone costs each process over a second).
+The two-rank tests run real torch.distributed (gloo, a FileStore rendezvous in
+a tmp dir, traffic over 127.0.0.1) in two spawned processes; no Ray. The
+evaluation's reduction over the ranks is torchmetrics' own sync.
+The spawned processes import this module, so sklearn and tensorboard are
+imported inside the tests that use them (sklearn alone costs each process
+over a second).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import pytest
 import torch
 from torch import nn
 
+from deqray.tasks.base import EvalOutput
 from deqray.tasks.image_classification import ImageClassification
 from deqray.tasks.language_model import LanguageModel
-from deqray.tasks.segmentation import Segmentation, confusion_matrix, miou
+from deqray.tasks.segmentation import Segmentation
 from deqray.train.evaluation import evaluate
-from deqray.train.reduce import EvalSums, TrainStats
+from deqray.train.reduce import TrainStats
 from deqray.train.tensorboard import TensorBoardWriter, tag_for
 
 
@@ -158,7 +161,8 @@ class Canned(nn.Module):
     def __init__(self, outputs, ignore_index: int = 255) -> None:
         super().__init__()
         self.outputs = list(outputs)
-        self.config = type("Config", (), {"ignore_index": ignore_index})()
+        classes = self.outputs[0][0].shape[1]
+        self.config = type("Config", (), {"ignore_index": ignore_index, "num_classes": classes})()
 
     def forward(self, images, sradius=False):
         logits, metrics = self.outputs.pop(0)
@@ -374,6 +378,125 @@ def test_two_ranks_gloo_agree_with_oracle(tmp_path):
     )
 
 
+C_UNEVEN, K_UNEVEN = 5, 7  # segmentation classes (4: nowhere), image classes
+
+
+def _uneven_shard(rank: int) -> dict:
+    """Rank 0: two batches of each kind, rank 1: one of other sizes; class 3 of the
+    segmentation only on rank 1, ignored pixels on both."""
+    g = torch.Generator().manual_seed(200 + rank)
+    seg, cls, lm = [], [], []
+    for n in (3, 1) if rank == 0 else (2,):
+        logits = torch.randn(n, C_UNEVEN, 4, 6, generator=g)
+        logits[:, 4] = -1e9
+        labels = torch.randint(0, 3 if rank == 0 else 4, (n, 4, 6), generator=g)
+        if rank == 0:
+            logits[:, 3] = -1e9
+        labels[:, 0, rank : rank + 3] = 255
+        seg.append((logits, labels))
+    # the solver's statistics: a mean over the three batches, a NaN worst from rank 1
+    solver = [(10.0, 0.5), (20.0, 0.25)] if rank == 0 else [(60.0, math.nan)]
+    for n, (nstep, worst) in zip((5, 6) if rank == 0 else (4,), solver, strict=True):
+        info = {"fwd_nstep": nstep, "fwd_rel_residual_max": worst}
+        cls.append(
+            (
+                torch.randn(n, K_UNEVEN, generator=g),
+                torch.randint(0, K_UNEVEN, (n,), generator=g),
+                info,
+            )
+        )
+    for shape in ((2, 5), (2, 3)) if rank == 0 else ((3, 4),):
+        lm.append(torch.rand(shape, generator=g) * 4)
+    return dict(seg=seg, cls=cls, lm=lm)
+
+
+def _uneven_worker(rank: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # the group on 127.0.0.1 only
+    # a FileStore rendezvous: a free port picked beforehand can be taken by
+    # another process before rank 0 binds it (seen once under the suite)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/ustore", rank=rank, world_size=2)
+    data = _uneven_shard(rank)
+    try:
+        out = dict(
+            seg=evaluate(
+                Segmentation(),
+                Canned([(lg, None) for lg, _ in data["seg"]]),
+                [(_images(lg), lab) for lg, lab in data["seg"]],
+            ),
+            cls=evaluate(
+                ImageClassification(),
+                Canned([(lg, info) for lg, _, info in data["cls"]]),
+                [(_images(lg), lab) for lg, lab, _ in data["cls"]],
+            ),
+            lm=evaluate(
+                LanguageModel(), CannedLM(data["lm"]), _lm_batches(*(n.shape for n in data["lm"]))
+            ),
+        )
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(tmp, f"uneven{rank}.pkl"), "wb") as fh:
+        pickle.dump(out, fh)
+
+
+def test_uneven_shards_over_gloo_agree_with_sklearn(tmp_path):
+    """torchmetrics' own sync over a gloo group on 127.0.0.1: every rank gets the metrics
+    of all the ranks' data, as scikit-learn computes them on the concatenation."""
+    from sklearn.metrics import accuracy_score, jaccard_score, top_k_accuracy_score
+
+    torch.multiprocessing.spawn(_uneven_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    outs = [pickle.loads((tmp_path / f"uneven{r}.pkl").read_bytes()) for r in range(2)]
+    shards = [_uneven_shard(r) for r in range(2)]
+    for name in outs[0]:
+        assert same(outs[0][name], outs[1][name]), name
+
+    seg = [b for d in shards for b in d["seg"]]
+    pred = np.concatenate([lg.argmax(1).flatten().numpy() for lg, _ in seg])
+    target = np.concatenate([lab.flatten().numpy() for _, lab in seg])
+    keep = target != 255
+    labels = list(range(C_UNEVEN))
+    iou = jaccard_score(target[keep], pred[keep], labels=labels, average=None, zero_division=0)
+    absent = ~np.isin(range(C_UNEVEN), np.concatenate([target[keep], pred[keep]]))
+    iou[absent] = math.nan  # sklearn's 0/0 is 0; deqray's is no IoU
+    assert math.isnan(iou[4]) and not math.isnan(iou[3])  # absent everywhere / rank 1 only
+    ce = sum(
+        float(nn.functional.cross_entropy(lg.double(), lab, ignore_index=255, reduction="sum"))
+        for lg, lab in seg
+    )
+    assert same(
+        outs[0]["seg"],
+        {
+            "val_miou": _iou_oracle(pred, target),
+            "val_pixel_acc": accuracy_score(target[keep], pred[keep]),
+            "val_loss": ce / keep.sum(),
+            "val_pixels": keep.sum(),
+            **{f"val_iou_{c}": iou[c] for c in range(C_UNEVEN)},
+        },
+    )
+
+    cls = [b for d in shards for b in d["cls"]]
+    logits = torch.cat([lg for lg, _, _ in cls]).double()
+    labels = torch.cat([lab for _, lab, _ in cls])
+    assert same(
+        outs[0]["cls"],
+        {
+            "val_acc": accuracy_score(labels, logits.argmax(1)),
+            "val_top5": top_k_accuracy_score(labels, logits, k=5, labels=range(K_UNEVEN)),
+            "val_loss": float(nn.functional.cross_entropy(logits, labels)),
+            "val_images": 15,
+            "val_fwd_nstep": 30.0,
+            "val_fwd_rel_residual_max": math.nan,
+        },
+    )
+
+    nll = np.concatenate([n.flatten().numpy() for d in shards for n in d["lm"]]).astype(float)
+    assert same(
+        outs[0]["lm"],
+        {"val_loss": nll.mean(), "val_ppl": math.exp(nll.mean()), "val_tokens": 28},
+    )
+
+
 # ------------------------------------------------------------ task evaluations
 
 
@@ -445,22 +568,6 @@ def test_classification_against_numpy():
     assert small["val_acc"] == pytest.approx(2 / 3) and small["val_images"] == 3
 
 
-def test_eval_sums_refuse_tensors_of_two_shapes():
-    class TwoRanks:  # what all_gather_object would hand back from two disagreeing ranks
-        world_size = 2
-
-        def all_gather_object(self, obj):
-            return [obj, (obj[0], obj[1], {"confusion": (3, 3)})]
-
-        def all_reduce(self, t, op):
-            return t
-
-    sums = EvalSums()
-    sums.add({"confusion": torch.zeros(2, 2), "pixels": 4})
-    with pytest.raises(ValueError, match="disagree on the shape of summed tensor 'confusion'"):
-        sums.reduce(TwoRanks())
-
-
 def test_segmentation_against_sklearn_and_sets():
     from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
@@ -478,7 +585,6 @@ def test_segmentation_against_sklearn_and_sets():
     pred, target = logits.argmax(1).flatten().numpy(), labels.flatten().numpy()
     keep = target != 255
     oracle = sk_confusion_matrix(target[keep], pred[keep], labels=list(range(c)))
-    assert confusion_matrix(logits.argmax(1), labels, c).tolist() == oracle.tolist()
     ce = sum(
         float(nn.functional.cross_entropy(lg, lab, ignore_index=255)) * int((lab != 255).sum())
         for lg, lab in ((logits[:2], labels[:2]), (logits[2:], labels[2:]))
@@ -498,12 +604,41 @@ def test_segmentation_against_sklearn_and_sets():
     assert [out[f"val_iou_{k}"] for k in range(4)] == pytest.approx(per_class[:4].tolist())
 
 
+def _one_hot_logits(pred: list[int], classes: int) -> torch.Tensor:
+    """(1, C, 1, P) logits whose argmax over C is `pred`."""
+    return nn.functional.one_hot(torch.tensor(pred), classes).T.float()[None, :, None, :] * 10
+
+
 def test_miou_hand_computed_and_errors():
-    assert miou(torch.tensor([[2, 1], [0, 3]])) == pytest.approx((2 / 3 + 3 / 4) / 2)
-    assert miou(torch.tensor([[2, 0, 0], [0, 0, 0], [1, 0, 0]])) == pytest.approx((2 / 3 + 0) / 2)
-    assert math.isnan(miou(torch.zeros(3, 3)))
+    def seg(pred, target, classes):
+        logits = _one_hot_logits(pred, classes)
+        target = torch.tensor([target])[:, None, :]
+        return evaluate(Segmentation(), Canned([(logits, None)]), [(_images(logits), target)])
+
+    # rows target, columns prediction: [[2, 1], [0, 3]]
+    out = seg([0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], 2)
+    assert out["val_miou"] == pytest.approx((2 / 3 + 3 / 4) / 2)
+    assert [out["val_iou_0"], out["val_iou_1"]] == pytest.approx([2 / 3, 3 / 4])
+    # class 1 absent from both: left out; class 2 only predicted: IoU 0; 255 ignored
+    out = seg([0, 0, 0, 1, 1], [0, 0, 2, 255, 255], 3)
+    assert out["val_miou"] == pytest.approx((2 / 3 + 0) / 2) and math.isnan(out["val_iou_1"])
+    assert out["val_pixels"] == 3 and out["val_pixel_acc"] == pytest.approx(2 / 3)
+    # no labelled pixel at all: only the count
+    assert seg([0, 1], [255, 255], 2) == {"val_pixels": 0.0}
     with pytest.raises(ValueError, match=r"target has class 7 outside \[0, 3\)"):
-        confusion_matrix(torch.tensor([0, 1]), torch.tensor([7, 255]), 3)
+        seg([0, 1], [7, 255], 3)
+
+
+class _Misnamed(ImageClassification):
+    def eval_step(self, model, batch, state, *, sradius):
+        out = super().eval_step(model, batch, state, sradius=sradius)
+        return EvalOutput(out.sums, out.info, updates={"accuracy": out.updates["acc"]})
+
+
+def test_an_update_of_no_declared_metric_names_the_nearest():
+    logits = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"updates\['accuracy'\] .*did you mean 'acc'"):
+        evaluate(_Misnamed(), Canned([(logits, None)]), [(_images(logits), torch.zeros(4).long())])
 
 
 # ---------------------------------------------------------------- TensorBoard

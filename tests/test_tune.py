@@ -28,8 +28,11 @@ import time
 import pytest
 import yaml
 
+from deqray.tune.console import trial_label
 from deqray.tune.runner import OPTUNA_DB, load_results
 from deqray.tune.study import pareto_front
+from tests.dashboard_client import dashboard_trials
+from tests.tensorboard_client import scalar_tags, scalars, tensorboard_server
 
 
 def deqray_tune(*args, timeout=600, wait=True):
@@ -58,6 +61,7 @@ def deqray_tune(*args, timeout=600, wait=True):
 GOOD = {"optim.lr": 0.004, "deq.f_thres": 12, "deq.f_solver": "anderson"}
 GOOD2 = {"optim.lr": 0.003, "deq.f_thres": 6, "deq.f_solver": "anderson"}
 BAD = {"optim.lr": 0.0001, "deq.f_thres": 4, "deq.f_solver": "anderson"}
+SPACE = ["optim.lr", "deq.f_thres", "deq.f_solver"]  # study_file's, in its order
 
 
 def study_file(tmp_path, cache, **changes):
@@ -147,7 +151,12 @@ def test_a_four_trial_study(cache, tmp_path):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     for r in rows:
-        acc = EventAccumulator(r["path"])
+        # the trial's name: its number and sampled values, also its run's directory
+        number = int(r["trial"][1:3])
+        expected = trial_label(number, {k: r[k] for k in SPACE}, SPACE)
+        assert r["trial"] == expected
+        assert r["run"] == os.path.join(result.experiment, "runs", r["trial"])
+        acc = EventAccumulator(os.path.join(r["run"], "tensorboard"))
         acc.Reload()
         content = acc.PluginTagToContent("hparams")
         start = plugin_data_pb2.HParamsPluginData.FromString(
@@ -156,14 +165,77 @@ def test_a_four_trial_study(cache, tmp_path):
         hp = {k: v for k, v in start.hparams.items()}
         assert hp["optim.lr"].number_value == pytest.approx(r["optim.lr"])
         assert hp["deq.f_solver"].string_value == r["deq.f_solver"]
-        # each trial's training curves sit beside it, under the experiment
-        run = os.path.join(result.experiment, "runs", r["trial_id"], "tensorboard")
-        assert os.listdir(run)
+        assert hp["deq.f_thres"].number_value == r["deq.f_thres"]
+        # the objectives' own curve, one point per report
+        assert len(acc.Scalars("Objectives/val_ppl")) == r["reports"]
+    assert sorted(int(r["trial"][1:3]) for r in rows) == [0, 1, 2, 3]
+
+    check_tensorboard(result)
+    check_dashboard(result)
+    check_terminal(out, result)
 
     # deqray compare reprints the summary from the files
     from deqray.cli import main
 
     assert main(["compare", result.experiment]) == 0
+
+
+def check_tensorboard(result):
+    """TensorBoard, as its HTTP API serves the experiment: one run per trial, under the
+    trial's name, the objectives' cards first, and no card of a constant."""
+    with tensorboard_server(result.experiment) as url:
+        runs = scalar_tags(url)
+        expected = {f"runs/{r['trial']}/tensorboard": r for r in result.rows}
+        assert set(runs) == set(expected)  # Tune's own TensorBoard logger is off
+        for run, tags in runs.items():
+            # TensorBoard orders cards by tag code point by code point (numbers by value)
+            assert tags[:2] == ["Objectives/val_fwd_nstep", "Objectives/val_ppl"], tags
+            assert "val/ppl" not in tags  # not twice
+            # jac_loss_weight is a schedule: a point when it changes, not one per report
+            weights = scalars(url, run, "jacobian/jac_loss_weight")
+            values = [v for _, v in weights]
+            assert weights and all(values[i] != values[i + 1] for i in range(len(values) - 1))
+            ppl = scalars(url, run, "Objectives/val_ppl")
+            assert ppl[-1][1] == pytest.approx(expected[run]["val_ppl"], rel=1e-6)
+
+
+def check_dashboard(result):
+    """`deqray dashboard EXPERIMENT` serves every trial with its objective values; the
+    Optuna trial number is the one in the trial's name."""
+    trials = dashboard_trials(result.experiment)
+    assert len(trials) == len(result.rows) == 4
+    by_number = {int(r["trial"][1:3]): r for r in result.rows}
+    for t in trials:
+        r = by_number[t["number"]]
+        assert t["state"] == "Complete"
+        assert t["values"] == [
+            pytest.approx(r["val_ppl"], rel=1e-9),
+            pytest.approx(r["val_fwd_nstep"], rel=1e-9),
+        ]
+        assert t["params"]["deq.f_solver"] == r["deq.f_solver"]
+        # optuna-dashboard serves each value as the text of its external representation
+        assert float(t["params"]["optim.lr"]) == pytest.approx(r["optim.lr"])
+        assert int(t["params"]["deq.f_thres"]) == r["deq.f_thres"]
+
+
+def check_terminal(out: str, result):
+    """The terminal: the trial lines, the table, the summary; Ray's output in ray.log."""
+    lines = out.splitlines()
+    # Tune's table every minute (11 lines for 4 trials); everything else fits in 45 lines
+    tables = out.count("== Status ==")
+    assert 1 <= tables and len(lines) <= 45 + 11 * tables, out
+    for r in result.rows:
+        assert f"[deqray] {r['trial']} started" in lines, out
+        end = [x for x in lines if x.startswith(f"[deqray] {r['trial']} ") and "after" in x]
+        how = {"finished": "finished after", "stopped early": "stopped early by the scheduler"}
+        assert len(end) == 1 and how[r["status"]] in end[0], (end, r["status"])
+        assert f"after {r['reports']} reports: val_ppl {r['val_ppl']:.4g}" in end[0]
+    # the workers' and Ray's own output: not here, in the experiment's log
+    # (a line may still come as Ray shuts down, once deqray tune has printed everything)
+    assert "pid=" not in out.split("tensorboard --logdir")[0], out
+    log = open(os.path.join(result.experiment, "ray.log")).read()
+    assert "RayTrainWorker pid=" in log or "TrainController pid=" in log
+    assert f"Ray's output: {result.experiment}/ray.log" in out
 
 
 def test_an_interrupted_study_resumes_without_rerunning_finished_trials(cache, tmp_path):

@@ -304,7 +304,7 @@ INVALID = [
     (
         "empty choices",
         changed(space__deq__grad={"type": "categorical", "choices": []}),
-        ["space.deq.grad", "non-empty"],
+        ["space.deq.grad.choices", "at least 1 item"],
     ),
     (
         "duplicate choices",
@@ -314,7 +314,7 @@ INVALID = [
     (
         "non-scalar choice",
         changed(space__optim__betas={"type": "categorical", "choices": [[0.9, 0.99]]}),
-        ["space.optim.betas", "not a null, bool, number or string"],
+        ["space.optim.betas.choices[0]", "expected bool | int | float | str | null"],
     ),
     (
         "key both fixed and searched",

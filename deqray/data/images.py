@@ -48,7 +48,6 @@ import json
 import math
 import pickle
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -71,6 +70,7 @@ from .manifest import (
     write_manifest,
     write_shard,
 )
+from .progress import Meter
 
 SCHEMA = pa.schema(
     [
@@ -248,23 +248,14 @@ def run_jobs(
         [{"job": json.dumps(j)} for j in jobs], override_num_blocks=len(jobs)
     ).map_batches(_run_job_batch, fn_kwargs={"task": task}, batch_size=1)
     reports: dict[int, dict] = {}
-    start = time.perf_counter()
-    done_bytes = 0
+    # a line every few seconds (one per job would be thousands for ImageNet)
+    meter = Meter(what, len(jobs), unit, total_bytes=total_bytes, enabled=progress)
     for row in ds.iter_rows():
         report = json.loads(row["report"])
         if report.get("error"):
             raise DataError(report["error"])
         reports[report["job"]] = report
-        done_bytes += report.get("raw_bytes", 0)
-        if progress:
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            line = f"[{what}] {len(reports)}/{len(jobs)} {unit}"
-            if total_bytes:
-                line += (
-                    f", {done_bytes / MB:,.1f}/{total_bytes / MB:,.1f} MB read"
-                    f" ({done_bytes / MB / elapsed:,.1f} MB/s)"
-                )
-            print(line, file=sys.stderr, flush=True)
+        meter.add(nbytes=report.get("raw_bytes", 0))
     return [reports[i] for i in range(len(jobs))]
 
 

@@ -60,6 +60,7 @@ from .manifest import (
     write_manifest,
     write_shard,
 )
+from .progress import Meter
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -298,11 +299,14 @@ def _is_local(uri: str) -> bool:
     return "://" not in uri
 
 
-def _results(ds) -> dict[tuple[str, int], dict]:
-    """The small `info` column of every chunk, by (split, index)."""
+def _results(ds, meter: Meter | None = None) -> dict[tuple[str, int], dict]:
+    """The small `info` column of every chunk, by (split, index); each chunk counted
+    by `meter` as it arrives (a pass that streams: the rows come as chunks finish)."""
     out = {}
     for row in ds.select_columns(["split", "index", "info"]).iter_rows():
         out[str(row["split"]), int(row["index"])] = pickle.loads(row["info"])
+        if meter is not None:
+            meter.add()
     return out
 
 
@@ -476,6 +480,7 @@ def _preprocess(
             "".join(f"{w}\t{c}\n" for w, c in zip(vocab, freq, strict=True)).encode("utf-8")
         )
         t0 = time.perf_counter()
+        meter = Meter(f"{name} pass 2", len(chunks), "chunks written", enabled=progress)
         written = _results(
             counted_ds.map_batches(
                 _write_batch,
@@ -488,7 +493,8 @@ def _preprocess(
                     "shard_tokens": int(shard_tokens),
                 },
                 **remote_args,
-            )
+            ),
+            meter,
         )
         del counted_ds
         if progress:

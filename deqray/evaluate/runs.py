@@ -4,7 +4,7 @@
     model, config = deqray.load(run, checkpoint="best", device="cuda")
 
 A run is the directory (or URI) that `deqray train` or a trial of `deqray
-tune` (`<experiment>/runs/<trial_id>`) wrote: `metrics.jsonl`,
+tune` (`<experiment>/runs/<trial name>`) wrote: `metrics.jsonl`,
 `status.json`, Ray Train's `checkpoint_*` directories and its
 `checkpoint_manager_snapshot.json` (each checkpoint with the report it came
 with). "best" is the checkpoint whose report has the task's primary metric
@@ -60,7 +60,7 @@ def checkpoints(run: str) -> list[Checkpoint]:
     if not any(n in names for n in marks) and not any(n.startswith("checkpoint_") for n in names):
         raise EvaluateError(
             f"{uri}: not a deqray run (no metrics.jsonl, status.json or checkpoint_* in it); "
-            "pass the run directory that deqray train printed, or <experiment>/runs/<trial_id> "
+            "pass the run directory that deqray train printed, or <experiment>/runs/<trial name> "
             "for a trial of a study"
         )
     snapshot = loc.join(SNAPSHOT)

@@ -33,7 +33,7 @@ def evaluate_study(
     record = read_evaluations(result.experiment)
     for i in chosen:
         row = result.rows[i]
-        run = f"{result.experiment.rstrip('/')}/runs/{row['trial_id']}"
+        run = row["run"]  # <experiment>/runs/<trial name>
         ev = evaluate_run(run, split=split, **kwargs)
         metrics = ev.points[0].metrics
         scalars = {k: v for k, v in metrics.items() if f"{split}_iou_" not in k}

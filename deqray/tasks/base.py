@@ -28,10 +28,13 @@ and on each worker (plain PyTorch; no Ray needed except for the shards):
   task's loss (the platform adds the Jacobian term and steps the optimiser);
   `state` is what a rank carries from one batch to the next (segment memory),
   `None` for most tasks;
+* `eval_metrics(model) -> {name: torchmetrics.Metric}` (optional): fresh
+  metrics for one evaluation pass, the same on every rank;
 * `eval_step(model, batch, state, sradius=...) -> EvalOutput` and
-  `summarize(sums) -> metrics`: the evaluation as sums over batches (floats
-  or tensors, added up over the batches and the ranks by the platform), and
-  the metrics computed from the totals.
+  `summarize(values) -> metrics`: each batch's `updates` (the arguments of
+  the `update()` of the metric of that name) and `sums` (numbers, added up
+  over the batches and the ranks); torchmetrics syncs them over the ranks, and
+  `summarize` gets {name: computed value} (a float, or a tensor) of both.
 
 `state_at_epoch_start()` gives the state of a new pass over the data (None by
 default); `split_batches(run, split, device)` and `count_batches(run, split)`
@@ -39,6 +42,10 @@ give a whole split in one process for `deqray evaluate` (by default through
 `datasets` and `eval_batches`). A subclass sets `name` (how reports call it), `unit` (what one
 item is: "tok", "img"; the throughput's unit) and `data_section` (the
 dataclass of its `data:` section, a subclass of `deqray.config.DataSection`).
+The section is validated with the experiment's schema (`deqray.schema`): its
+fields' types, and bounds written as `Annotated[int, Field(ge=1)]`; a task
+that reads its `model:` section into a dataclass does so with
+`deqray.config.parse_section`, under the same rules.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ from torch import Tensor, nn
 from deqray.config import DataSection
 
 if TYPE_CHECKING:
+    from torchmetrics import Metric as Metric_
+
     from deqray.config import Experiment
     from deqray.core import DEQInfo
 
@@ -139,12 +148,14 @@ class StepOutput:
 
 @dataclass
 class EvalOutput:
-    """One evaluation batch: sums the platform adds up over batches and ranks."""
+    """One evaluation batch: what updates the task's metrics, and sums to add up."""
 
-    sums: dict[str, float | Tensor]  # e.g. {"nll": ..., "tokens": ...}; tensors add elementwise
+    sums: dict[str, float | Tensor] = field(default_factory=dict)  # numbers: {"tokens": 80.0}
     info: DEQInfo | None = None  # the solve, for the solver statistics of the evaluation
     state: Any = None
     extra: dict[str, Any] = field(default_factory=dict)  # per-batch outputs a caller may want
+    # {metric name: its update()'s arguments (a tuple, or one)}, for `eval_metrics`' metrics
+    updates: dict[str, Any] = field(default_factory=dict)
 
 
 class Task(ABC):
@@ -221,13 +232,19 @@ class Task(ABC):
     ) -> StepOutput:
         """The task's loss on one training batch."""
 
+    def eval_metrics(self, model: nn.Module) -> dict[str, Metric_]:
+        """Fresh torchmetrics for one evaluation pass, by name (the names of
+        `EvalOutput.updates`); every rank must build the same ones, since each is
+        synced over the ranks with its own collectives. None by default."""
+        return {}
+
     @abstractmethod
     def eval_step(self, model: nn.Module, batch: Any, state: Any, *, sradius: bool) -> EvalOutput:
         """One evaluation batch (called under no_grad, model in eval mode)."""
 
     @abstractmethod
     def summarize(self, sums: dict[str, float | Tensor]) -> dict[str, float]:
-        """The metrics from the sums over every batch and rank."""
+        """The metrics from the computed metrics and the sums over every batch and rank."""
 
     # ---- helpers -------------------------------------------------------------------- #
 

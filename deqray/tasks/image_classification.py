@@ -208,37 +208,46 @@ class ImageClassification(Task):
         images, labels = batch
         by_budget, info = model.snapshot_logits(images, budgets)
         return {
-            k: EvalOutput(
-                self._sums(model, logits.float(), labels), snapshot_info(info.snapshots[k])
-            )
+            k: self._scored(model, logits.float(), labels, snapshot_info(info.snapshots[k]))
             for k, logits in by_budget.items()
         }
 
     def eval_step(self, model, batch, state, *, sradius: bool) -> EvalOutput:
         images, labels = batch
         logits, info = model(images, sradius=sradius)
-        logits = logits.float()
-        return EvalOutput(self._sums(model, logits, labels), info, extra={"logits": logits})
+        out = self._scored(model, logits.float(), labels, info)
+        out.extra["logits"] = logits.float()
+        return out
+
+    def eval_metrics(self, model) -> dict:
+        from torchmetrics.classification import MulticlassAccuracy
+
+        from .metrics import mean_metric
+
+        classes = _unwrap(model).config.num_classes
+        out = {
+            "acc": MulticlassAccuracy(classes, top_k=1, average="micro"),
+            "loss": mean_metric(),  # per image: each batch's mean weighted by its size
+        }
+        if classes >= 5:
+            out["top5"] = MulticlassAccuracy(classes, top_k=5, average="micro")
+        return out
 
     @staticmethod
-    def _sums(model, logits, labels) -> dict[str, float]:
-        n = labels.shape[0]
-        sums = {
-            "loss": float(model.loss(logits, labels)) * n,
-            "images": float(n),
-            "top1": float((logits.argmax(1) == labels).sum()),
-        }
+    def _scored(model, logits, labels, info) -> EvalOutput:
+        scored = (logits, labels)
+        updates = {"acc": scored, "loss": (model.loss(logits, labels), float(labels.shape[0]))}
         if logits.shape[1] >= 5:
-            sums["top5"] = float((logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum())
-        return sums
+            updates["top5"] = scored
+        return EvalOutput({"images": float(labels.shape[0])}, info, updates=updates)
 
     def summarize(self, sums) -> dict[str, float]:
         n = float(sums.get("images", 0.0))
         if n <= 0:
             return {"images": n}
-        out = {"loss": float(sums["loss"]) / n, "acc": float(sums["top1"]) / n, "images": n}
+        out = {"loss": sums["loss"], "acc": sums["acc"], "images": n}
         if "top5" in sums:
-            out["top5"] = float(sums["top5"]) / n
+            out["top5"] = sums["top5"]
         return out
 
 

@@ -159,16 +159,23 @@ class LanguageModel(Task):
         out = model(batch.tokens, batch.targets, state, pretrain=pretrain, jac_loss=jac_loss)
         return StepOutput(out.loss, out.info, batch.tokens.numel(), tuple(out.mems))
 
+    def eval_metrics(self, model) -> dict:
+        from .metrics import mean_metric
+
+        # The adaptive softmax gives each token's NLL, not logits (torchmetrics'
+        # Perplexity wants those): the mean NLL per token, and its exp
+        return {"loss": mean_metric()}
+
     def eval_step(self, model, batch, state, *, sradius: bool) -> EvalOutput:
         out = model(batch.tokens, batch.targets, state, sradius=sradius)
-        sums = {"nll": float(out.nll.float().sum()), "tokens": float(batch.targets.numel())}
-        return EvalOutput(sums, out.info, tuple(out.mems))
+        sums = {"tokens": float(batch.targets.numel())}
+        return EvalOutput(sums, out.info, tuple(out.mems), updates={"loss": out.nll.detach()})
 
     def summarize(self, sums) -> dict[str, float]:
         n = float(sums.get("tokens", 0.0))
         if n <= 0:
             return {"tokens": n}
-        loss = float(sums["nll"]) / n
+        loss = float(sums["loss"])
         return {
             "loss": loss,
             "ppl": math.inf if loss > _EXP_OVERFLOW else math.exp(loss),

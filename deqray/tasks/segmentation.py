@@ -1,9 +1,10 @@
 """Semantic segmentation with MDEQ: per-pixel classes, the ignore label, mIoU.
 
-Metrics: `miou` (mean over classes of TP / (TP + FP + FN), from the confusion
-matrix summed over every batch and rank; primary, higher is better),
+Metrics: `miou` (mean over the classes present of TP / (TP + FP + FN), from
+the confusion matrix summed over every batch and rank: torchmetrics'
+MulticlassJaccardIndex, the ignore label left out; primary, higher is better),
 `pixel_acc`, `loss` (mean cross-entropy per labelled pixel), `pixels`, and
-`iou_<class>` for each class.
+`iou_<class>` for each class (NaN for a class in neither target nor prediction).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
 
 from deqray.config import ConfigError, DataSection
 
@@ -57,48 +57,6 @@ class SegmentationDetails:
     ignore_index: int
     classes: list[str]
     rows: dict[str, int]
-
-
-def confusion_matrix(
-    pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255
-) -> Tensor:
-    """C x C int64 counts, rows = target class, columns = predicted class.
-
-    Pixels whose target is `ignore_index` are left out; any other class outside
-    [0, C) is an error, since a wrong `num_classes` would silently skew mIoU.
-    """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    keep = target.flatten() != ignore_index
-    pred, target = pred.flatten().long()[keep], target.flatten().long()[keep]
-    for name, t in (("target", target), ("pred", pred)):
-        bad = (t < 0) | (t >= num_classes)
-        if bool(bad.any()):
-            raise ValueError(
-                f"{name} has class {int(t[bad][0])} outside [0, {num_classes}) "
-                f"(ignore_index={ignore_index})"
-            )
-    flat = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
-    return flat.reshape(num_classes, num_classes)
-
-
-def class_iou(conf: Tensor) -> Tensor:
-    """Per-class TP / (TP + FP + FN); NaN for a class absent from target and prediction."""
-    conf = conf.double()
-    tp = conf.diagonal()
-    denom = conf.sum(0) + conf.sum(1) - tp
-    return torch.where(denom > 0, tp / denom.clamp_min(1), torch.full_like(tp, math.nan))
-
-
-def miou(conf: Tensor) -> float:
-    """Mean IoU over the classes in the target or the prediction.
-
-    A class absent from both has no IoU (0/0), neither a perfect nor a zero
-    one, so it is left out; NaN when no class is present.
-    """
-    iou = class_iou(conf)
-    present = ~torch.isnan(iou)
-    return float(iou[present].mean()) if bool(present.any()) else math.nan
 
 
 class Segmentation(Task):
@@ -245,40 +203,54 @@ class Segmentation(Task):
         images, masks = batch
         by_budget, info = model.snapshot_logits(images, budgets)
         return {
-            k: EvalOutput(
-                self._sums(model, logits.float(), masks), snapshot_info(info.snapshots[k])
-            )
+            k: self._scored(model, logits.float(), masks, snapshot_info(info.snapshots[k]))
             for k, logits in by_budget.items()
         }
 
     def eval_step(self, model, batch, state, *, sradius: bool) -> EvalOutput:
         images, masks = batch
         logits, info = model(images, sradius=sradius)
-        return EvalOutput(self._sums(model, logits.float(), masks), info)
+        return self._scored(model, logits.float(), masks, info)
+
+    def eval_metrics(self, model) -> dict:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+        from .metrics import mean_metric
+
+        c, ignore = model.config.num_classes, model.config.ignore_index
+        checked = {"ignore_index": ignore, "validate_args": False}  # _scored checks the labels
+        return {
+            # a class absent from both target and prediction has no IoU (0/0): NaN,
+            # and the macro average leaves it out
+            "iou": MulticlassJaccardIndex(c, average="none", zero_division=math.nan, **checked),
+            "miou": MulticlassJaccardIndex(c, average="macro", **checked),
+            "pixel_acc": MulticlassAccuracy(c, average="micro", **checked),
+            "loss": mean_metric(),  # per labelled pixel
+        }
 
     @staticmethod
-    def _sums(model, logits, masks) -> dict:
-        ignore = model.config.ignore_index
-        valid = float((masks != ignore).sum())
-        conf = confusion_matrix(logits.argmax(1), masks, logits.shape[1], ignore).cpu()
-        sums = {
-            "loss": float(model.loss(logits, masks)) * valid,
-            "pixels": valid,
-            "confusion": conf,
-        }
-        return sums
+    def _scored(model, logits, masks, info) -> EvalOutput:
+        c, ignore = logits.shape[1], model.config.ignore_index
+        labelled = masks != ignore
+        # torchmetrics only counts the distinct labels, and a wrong num_classes would skew mIoU
+        bad = labelled & ((masks < 0) | (masks >= c))
+        if bool(bad.any()):
+            raise ValueError(
+                f"target has class {int(masks[bad][0])} outside [0, {c}) (ignore_index={ignore})"
+            )
+        valid = labelled.sum()
+        # a batch without a labelled pixel has a NaN mean loss: it weighs 0, and adds 0
+        loss = torch.where(valid > 0, model.loss(logits, masks), 0.0)
+        scored = (logits.argmax(1), masks)
+        updates = {"iou": scored, "miou": scored, "pixel_acc": scored, "loss": (loss, valid)}
+        return EvalOutput({"pixels": valid}, info, updates=updates)
 
     def summarize(self, sums) -> dict[str, float]:
         n = float(sums.get("pixels", 0.0))
-        out = {"pixels": n}
-        conf = sums.get("confusion")
-        if n > 0:
-            out["loss"] = float(sums["loss"]) / n
-        if isinstance(conf, Tensor):
-            conf = conf.round().long()
-            total = int(conf.sum())
-            out["pixel_acc"] = float(conf.diagonal().sum()) / total if total else math.nan
-            out["miou"] = miou(conf)
-            for c, v in enumerate(class_iou(conf).tolist()):
-                out[f"iou_{c}"] = v
+        if n <= 0:
+            return {"pixels": n}
+        out = {k: sums[k] for k in ("loss", "pixel_acc", "miou")}
+        out["pixels"] = n
+        for c, v in enumerate(sums["iou"].tolist()):
+            out[f"iou_{c}"] = v
         return out

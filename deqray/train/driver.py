@@ -23,6 +23,7 @@ from typing import Any
 from deqray.config import Experiment, load_config
 from deqray.data._fs import locate
 from deqray.tasks import RunContext
+from deqray.tracking import default_experiment_name
 
 from . import files
 from .console import summary
@@ -84,9 +85,10 @@ def resolve(
     return cfg
 
 
-def trainer_for(cfg: Experiment, *, callbacks=None, verbose: bool = True, hooks=None):
+def trainer_for(cfg: Experiment, *, callbacks=None, verbose: bool = True, hooks=None, board=None):
     """(TorchTrainer, run name, run URI, RunContext) for a validated config: the task's
-    data prepared, the run planned and named."""
+    data prepared, the run planned and named. `board` (`tensorboard.TrialBoard`): a
+    study trial's HParams and objectives for its TensorBoard run."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -104,7 +106,7 @@ def trainer_for(cfg: Experiment, *, callbacks=None, verbose: bool = True, hooks=
         resources["GPU"] = s.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": run, "hooks": list(hooks or [])},
+        train_loop_config={"run": run, "hooks": list(hooks or []), "board": board},
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.workers, use_gpu=bool(s.gpus_per_worker), resources_per_worker=resources
         ),
@@ -159,6 +161,9 @@ def fit(
     resuming = cfg.checkpoint.name is not None and locate(run_uri).exists()
     if verbose:
         print(start_line(run, resuming), flush=True)
+        if cfg.tracking.mlflow.uri is not None:
+            m, name = cfg.tracking.mlflow, default_experiment_name(cfg)
+            print(f"[deqray] mlflow: {m.uri}, experiment {m.experiment_name or name}", flush=True)
     result = trainer.fit()
     if result.return_value is None:  # e.g. a resumed run that was already complete
         result.return_value = read_status(run_uri)

@@ -12,9 +12,9 @@ Events (`on_event(name, **info)`): "start" (the worker function entered),
 batch). Phases (`phase(name)`, a context manager around the part): "data"
 (waiting for the next training batch), "metrics" (the solve's statistics of a step), "stats_add",
 "progress_line", "evaluate", "stats_reduce", "gather" (per-rank state to rank
-0), "append_metrics", "tensorboard", "save_state", "report"
-(`ray.train.report`). `on_step(step, result, metrics)` follows every optimiser
-step (`step`: the steps taken; `result`: a `deqray.train.step.StepResult`;
+0), "append_metrics", "mlflow" (with tracking.mlflow), "tensorboard",
+"save_state", "report" (`ray.train.report`). `on_step(step, result, metrics)`
+follows every optimiser step (`step`: the steps taken; `result`: a `deqray.train.step.StepResult`;
 `metrics`: its solver statistics as floats); `on_end()` comes last.
 
 Hooks run on every rank, inside the workers: a hook that writes files

@@ -1,122 +1,90 @@
-"""Metrics reduced over the workers: one rank's training steps, one evaluation pass.
+"""Metrics over the workers, reduced by torchmetrics: one rank's training steps, one evaluation.
 
-`TrainStats` holds one rank's steps between two evaluations, `EvalSums` one
-evaluation pass (the task's sums and the solver's statistics). Every rank
-must call `reduce()` at the same point, like any collective. Ranks may hold
-different keys (one rank only pretrained, another never computed the
-Jacobian loss), so a reduction first exchanges the key names (and tensor
-shapes) with one `all_gather_object`, then packs the values in the sorted
-union order into one float64 tensor all-reduced with SUM and one with MAX; a
-key a rank lacks counts 0 there (-inf for MAX), so it is averaged over the
-ranks having it. Tensors (a confusion matrix) are summed elementwise, a rank
-without one adding zeros of the shape the others agree on.
+`TrainStats` holds one rank's steps between two evaluations, `EvalMetrics` one
+evaluation pass: the task's torchmetrics (`Task.eval_metrics`), its plain
+sums and the solver's statistics. Their `reduce()`/`compute()` is collective:
+every rank calls it at the same point, and torchmetrics' `compute()` gathers
+each metric's states from the ranks of torch.distributed's default group
+(the one Ray Train sets up; gloo or nccl). Without a process group (`deqray
+evaluate`, a test) each metric is this process's alone.
 
-`reduce_fn`: None uses torch.distributed's default group when it is initialized
-with world size > 1, else this rank's values alone. Any object with
-`world_size`, `all_gather_object(obj) -> list` and `all_reduce(tensor, op) ->
-tensor` (op "sum" or "max") can stand in for it.
+torchmetrics syncs metric by metric, so every rank must hold the same metrics
+in the same order. The task's own are built from the model, the same on every
+rank. Keys that only the data reveals (a task's sums, the solver's statistics:
+one rank may only pretrain, another never see a batch) are first agreed on with
+one `all_gather_object` of their names; a rank lacking a key takes part with
+the metric's empty state (0 for sums and means, -inf for maxima).
+
+Every aggregate is float64 and keeps NaN (deqray.tasks.metrics): a diverged
+model's NaN loss or worst residual must reach every rank's report
+(torchmetrics gathers the states and takes torch.max over them, which
+propagates a NaN on every backend).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from deqray.tasks.metrics import max_metric, mean_metric, sum_metric
+
 HIST_KEEP = 4096  # per-sample values kept per histogram key
-_N = "#n:"  # internal keys start with "#"; this one counts the values of a mean key
 
 
-class TorchCollective:
-    """torch.distributed's default group; with `local=True`, this rank's values alone."""
-
-    def __init__(self, local: bool = False) -> None:
-        import torch.distributed as dist
-
-        self._dist = None if local else dist
-        self.world_size = 1 if local else dist.get_world_size()
-        # nccl reduces CUDA tensors only; gloo (and "cpu:gloo,cuda:nccl") takes CPU ones
-        nccl = not local and str(dist.get_backend()) == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu"
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        out: list[Any] = [obj] * self.world_size
-        if self._dist is not None:
-            self._dist.all_gather_object(out, obj)
-        return out
-
-    def all_reduce(self, tensor: Tensor, op: str) -> Tensor:
-        if self._dist is None:
-            return tensor
-        t = tensor.to(self.device)
-        ops = {"sum": self._dist.ReduceOp.SUM, "max": self._dist.ReduceOp.MAX}
-        self._dist.all_reduce(t, op=ops[op])
-        return t.cpu()
-
-
-def collective(reduce_fn: Any = None) -> Any:
-    if reduce_fn is not None:
-        return reduce_fn
+def _distributed() -> bool:
     import torch.distributed as dist
 
-    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return TorchCollective(local=not on)
+    return dist.is_available() and dist.is_initialized()
 
 
-def _as_float(key: str, value: Any) -> float:
+def sync_device() -> torch.device:
+    """Where metric states must be for the default group: nccl gathers CUDA tensors only."""
+    import torch.distributed as dist
+
+    if _distributed() and str(dist.get_backend()) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agreed_keys(*keysets: Iterable[str]) -> list[list[str]]:
+    """Each key set's union over the ranks, sorted (this rank's own without a group)."""
+    import torch.distributed as dist
+
+    local = [sorted(keys) for keys in keysets]
+    if not _distributed() or dist.get_world_size() == 1:
+        return local
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return [sorted({k for g in gathered for k in g[i]}) for i in range(len(local))]
+
+
+def computed(metric: Any) -> float | Tensor:
+    """`metric.compute()` (synced over the ranks): a float, or a CPU tensor when not scalar."""
+    with warnings.catch_warnings():
+        # a rank without a batch still takes part in the sync, with the metric's empty state
+        warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+        value = metric.compute()
+    if isinstance(value, Tensor):
+        return float(value) if value.numel() == 1 else value.detach().cpu()
+    return value
+
+
+def _as_number(key: str, value: Any) -> float | Tensor:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.detach().reshape(())  # no device-to-host copy per batch
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"metric {key!r} must be a number, got {value!r}") from None
-
-
-def _all_reduce(sums: dict, maxes: dict, coll: Any, tensors: dict[str, Tensor] | None = None):
-    """(sums, maxima, tensors) over all ranks, keys the union; `tensors` are summed
-    elementwise, a rank without one adding zeros of the shape the others agree on."""
-    tensors = tensors or {}
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    gathered = coll.all_gather_object((sorted(sums), sorted(maxes), shapes))
-    sum_keys = sorted({k for g in gathered for k in g[0]})
-    max_keys = sorted({k for g in gathered for k in g[1]})
-    agreed: dict[str, tuple] = {}
-    for g in gathered:
-        for k, shape in g[2].items():
-            if agreed.setdefault(k, shape) != shape:
-                raise ValueError(
-                    f"ranks disagree on the shape of summed tensor {k!r}: {agreed[k]} vs {shape}"
-                )
-    tensor_keys = sorted(agreed)
-    # MAX over a NaN is backend-defined, and a NaN worst residual must reach
-    # every rank's divergence check: NaN counts travel with the sums
-    nans = [float(math.isnan(maxes.get(k, 0.0))) for k in max_keys]
-    parts = [torch.tensor([sums.get(k, 0.0) for k in sum_keys] + nans, dtype=torch.float64)]
-    for k in tensor_keys:
-        t = tensors.get(k)
-        t = torch.zeros(agreed[k]) if t is None else t.detach().cpu()
-        parts.append(t.double().flatten())
-    sum_t = torch.cat(parts)
-    max_v = [maxes.get(k, -math.inf) for k in max_keys]
-    max_t = torch.tensor([-math.inf if math.isnan(v) else v for v in max_v], dtype=torch.float64)
-    # the layout is agreed on, so every rank skips (or calls) the same collectives
-    if sum_t.numel():
-        sum_t = coll.all_reduce(sum_t, "sum")
-    if max_t.numel():
-        max_t = coll.all_reduce(max_t, "max")
-    ns, nm = len(sum_keys), len(max_keys)
-    s = sum_t[: ns + nm].tolist()
-    out_max = zip(max_keys, max_t.tolist(), s[ns : ns + nm], strict=True)
-    out_t, at = {}, ns + nm
-    for k in tensor_keys:
-        n = math.prod(agreed[k])
-        out_t[k] = sum_t[at : at + n].reshape(agreed[k])
-        at += n
-    return (
-        dict(zip(sum_keys, s[:ns], strict=True)),
-        {k: math.nan if n else v for k, v, n in out_max},
-        out_t,
-    )
+        hint = (
+            " (a tensor metric belongs in Task.eval_metrics)" if isinstance(value, Tensor) else ""
+        )
+        raise TypeError(f"metric {key!r} must be a number, got {value!r}{hint}") from None
 
 
 class _MeanMax:
@@ -129,7 +97,7 @@ class _MeanMax:
 
     def add(self, metrics: dict[str, Any]) -> None:
         for key, value in metrics.items():
-            v, old = _as_float(key, value), self.max.get(key, -math.inf)
+            v, old = float(_as_number(key, value)), self.max.get(key, -math.inf)
             if key.endswith("_max"):  # max() would drop a NaN that came second
                 self.max[key] = math.nan if math.isnan(v) or math.isnan(old) else max(old, v)
             else:
@@ -161,9 +129,9 @@ class TrainStats:
         residuals: dict[str, Tensor] | None = None,
     ) -> None:
         self.steps += 1
-        self._loss += _as_float("loss", loss)
+        self._loss += float(_as_number("loss", loss))
         self._items += int(items)
-        self._seconds += _as_float("seconds", seconds)
+        self._seconds += float(_as_number("seconds", seconds))
         # the Jacobian term may come on its own or in info.metrics(): one value a step
         extra = {} if jac_loss is None else {"jac_loss": jac_loss}
         self._info.add({**info_metrics, **extra})
@@ -178,68 +146,99 @@ class TrainStats:
         """This rank's most recent per-sample values (no collectives)."""
         return dict(self._hist)
 
-    def reduce(self, reduce_fn: Any = None) -> dict[str, float]:
+    def reduce(self) -> dict[str, float]:
         """The interval's metrics over all ranks; every rank gets the same dict.
 
         Means are per rank over its steps having the key, then averaged over
-        the ranks having it (each rank weighs the same); `_max` keys and `steps`
-        take the maximum; `items_per_s` is all ranks' items over the mean of
-        their summed step times. Only {"steps": 0.0} when no rank took a step.
+        the ranks having it (each rank weighs the same: a MeanMetric updated
+        once by each); `_max` keys and `steps` take the maximum; `items_per_s`
+        is all ranks' items over the mean of their summed step times. Only
+        {"steps": 0.0} when no rank took a step.
         """
-        sums: dict[str, float] = {}
+        means: dict[str, float] = {}
         if self.steps:
             means = {k: v / self._info.count[k] for k, v in self._info.sum.items()}
             means.update(train_loss=self._loss / self.steps, step_time=self._seconds / self.steps)
-            for k, v in means.items():
-                sums[k], sums[_N + k] = v, 1.0
-            sums.update({"#items": self._items, "#seconds": self._seconds, "#ranks": 1.0})
-        s, m, _ = _all_reduce(sums, {**self._info.max, "#steps": self.steps}, collective(reduce_fn))
-        out = {"steps": m.pop("#steps")}
-        if not s.get("#ranks"):
-            return out
-        out.update({k: v / s[_N + k] for k, v in s.items() if not k.startswith("#")}, **m)
-        mean_seconds, items = s["#seconds"] / s["#ranks"], s["#items"]
+        mean_keys, max_keys = agreed_keys(means, self._info.max)
+        device = sync_device()
+        out = {k: _over_ranks(mean_metric, means.get(k), device) for k in mean_keys}
+        out.update({k: _over_ranks(max_metric, self._info.max.get(k), device) for k in max_keys})
+        steps = _over_ranks(max_metric, float(self.steps), device)
+        stepped = _over_ranks(sum_metric, float(self.steps > 0), device)  # ranks that stepped
+        items = _over_ranks(sum_metric, float(self._items), device)
+        seconds = _over_ranks(sum_metric, self._seconds, device)
+        if not stepped:
+            return {"steps": steps}
+        mean_seconds = seconds / stepped
         # a clock too coarse for the steps: "unmeasurably fast", not 0/0
         fast = math.inf if items > 0 else 0.0
         out["items_per_s"] = items / mean_seconds if mean_seconds > 0 else fast
+        out["steps"] = steps
         return dict(sorted(out.items()))
 
 
-class EvalSums:
-    """One evaluation pass on one rank: the task's sums and the solver's statistics.
+def _over_ranks(make: Any, value: float | None, device: Any) -> float:
+    """`value` (None: this rank has none) aggregated over the ranks by a fresh `make()`."""
+    metric = make(device)
+    if value is not None:
+        metric.update(value)
+    return computed(metric)
 
-    `reduce()` gives (the task's sums over every batch and rank, the solver's
-    statistics as val_<key>: the mean over batches, each batch weighing the
-    same, and the maximum for `_max` keys).
+
+class EvalMetrics:
+    """One evaluation pass on one rank: the task's metrics, its sums, the solver's statistics.
+
+    `add(out)` takes one batch's `EvalOutput`: each `updates[name]` (a tuple of
+    arguments, or one) goes to the `update()` of the task's metric of that
+    name; each `sums[name]` (a number) is summed; the solver's `info.metrics()`
+    are averaged over the batches (each weighing the same), `_max` keys
+    maximised. `compute()` gives ({name: value} of the task's metrics and sums,
+    {val_<key>: value} of the solver's), synced over the ranks.
     """
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.tensors: dict[str, Tensor] = {}
-        self._solver = _MeanMax()
-        self.batches = 0
+    def __init__(self, metrics: dict[str, Any], device: Any, task: str = "task") -> None:
+        self.device = torch.device(device)
+        self.task = task
+        self.metrics = {k: m.to(self.device) for k, m in metrics.items()}
+        self.sums: dict[str, Any] = {}
+        self.solver: dict[str, Any] = {}
 
-    def add(self, sums: dict[str, Any], info_metrics: dict[str, float] | None = None) -> None:
-        self.batches += 1
-        for key, value in sums.items():
-            if isinstance(value, Tensor) and value.dim() > 0:
-                v = value.detach().cpu().double()
-                old = self.tensors.get(key)
-                self.tensors[key] = v if old is None else old + v
-            else:
-                self.sums[key] = self.sums.get(key, 0.0) + _as_float(key, value)
-        if info_metrics:
-            self._solver.add(info_metrics)
+    def add(self, out: Any) -> None:
+        for key, args in out.updates.items():
+            metric = self.metrics.get(key)
+            if metric is None:
+                raise ValueError(self._unknown(key))
+            metric.update(*(args if isinstance(args, tuple) else (args,)))
+        for key, value in out.sums.items():
+            if key in self.metrics:
+                raise ValueError(f"{self.task}: {key!r} is both a metric and a sum; rename one")
+            self._sum(key).update(_as_number(key, value))
+        for key, value in (out.info.metrics() if out.info is not None else {}).items():
+            self._solver(key).update(_as_number(key, value))
 
-    def reduce(self, reduce_fn: Any = None) -> tuple[dict[str, Any], dict[str, float]]:
-        sums = {"task:" + k: v for k, v in self.sums.items()}
-        sums.update({"solver:" + k: v for k, v in self._solver.sum.items()})
-        sums.update({_N + k: float(n) for k, n in self._solver.count.items()})
-        s, m, t = _all_reduce(sums, self._solver.max, collective(reduce_fn), self.tensors)
-        task = {k[5:]: v for k, v in s.items() if k.startswith("task:")}
-        task.update(t)
-        solver = {"val_" + k: v for k, v in m.items()}
-        solver.update(
-            {"val_" + k[7:]: v / s[_N + k[7:]] for k, v in s.items() if k.startswith("solver:")}
+    def compute(self) -> tuple[dict[str, float | Tensor], dict[str, float]]:
+        sum_keys, solver_keys = agreed_keys(self.sums, self.solver)
+        values = {k: computed(m) for k, m in sorted(self.metrics.items())}
+        values.update({k: computed(self._sum(k)) for k in sum_keys})
+        solver = {"val_" + k: computed(self._solver(k)) for k in solver_keys}
+        return values, solver
+
+    def _sum(self, key: str) -> Any:
+        if key not in self.sums:
+            self.sums[key] = sum_metric(self.device)
+        return self.sums[key]
+
+    def _solver(self, key: str) -> Any:
+        if key not in self.solver:
+            make = max_metric if key.endswith("_max") else mean_metric
+            self.solver[key] = make(self.device)
+        return self.solver[key]
+
+    def _unknown(self, key: str) -> str:
+        names = sorted(self.metrics)
+        near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        return (
+            f"{self.task}: EvalOutput.updates[{key!r}] names no metric of eval_metrics(){hint}; "
+            f"it has {names}"
         )
-        return task, dict(sorted(solver.items()))

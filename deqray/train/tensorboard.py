@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +25,24 @@ _JACOBIAN = ("jac", "sradius", "val_jac", "val_sradius")
 _OPTIM = ("lr", "grad_norm")
 _PERF = ("step_time", "items_per_s", "tokens_per_s", "images_per_s", "steps")
 _STRIPPED = ("train_", "val_", "optim_", "perf_")
+# Schedules that stay put for most of a run: a point when they change, not a flat
+# card of one value per report.
+ON_CHANGE = ("jac_loss_weight", "phase")
+# A study's objectives, as their own group: TensorBoard orders groups by tag,
+# code point by code point, so an upper-case name comes before every other group.
+OBJECTIVES = "Objectives"
+
+
+@dataclass
+class TrialBoard:
+    """What a study's trial adds to its TensorBoard run: the sampled values as
+    HParams, and its objectives as the first group (`Objectives/<key>`)."""
+
+    hparams: dict[str, float | int | str | bool] = field(default_factory=dict)
+    objectives: list[str] = field(default_factory=list)
+
+    def tag(self, key: str) -> str | None:
+        return f"{OBJECTIVES}/{key}" if key in self.objectives else None
 
 
 def tag_for(key: str, prefix_map: dict[str, str] | None = None) -> str:
@@ -61,7 +81,12 @@ class TensorBoardWriter:
     append, and SummaryWriter writes local files only.
     """
 
-    def __init__(self, run_uri: str | os.PathLike, subdir: str = "tensorboard") -> None:
+    def __init__(
+        self,
+        run_uri: str | os.PathLike,
+        subdir: str = "tensorboard",
+        board: TrialBoard | None = None,
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         run_uri = os.fspath(run_uri)
@@ -72,14 +97,37 @@ class TensorBoardWriter:
             self.local_dir = self.logdir = os.path.join(run_uri, subdir)
         self._writer = SummaryWriter(log_dir=self.local_dir)
         self._closed = False
+        self.board = board
+        self._last: dict[str, float] = {}  # the ON_CHANGE keys' last values
 
     def scalars(self, metrics: dict, step: int, prefix_map: dict[str, str] | None = None):
-        """One scalar per numeric value (NaN and inf included); strings and the like skipped."""
+        """One scalar per numeric value (NaN and inf included); strings and the like skipped.
+        The ON_CHANGE keys only when their value changed; the board's objectives under
+        `Objectives/`."""
         for key, value in metrics.items():
             if isinstance(value, Tensor) and value.numel() == 1:
                 value = value.item()
-            if isinstance(value, numbers.Real):
-                self._writer.add_scalar(tag_for(key, prefix_map), float(value), step)
+            if not isinstance(value, numbers.Real):
+                continue
+            value = float(value)
+            if key in ON_CHANGE:
+                if self._last.get(key) == value:
+                    continue
+                self._last[key] = value
+            tag = (self.board and self.board.tag(key)) or tag_for(key, prefix_map)
+            self._writer.add_scalar(tag, value, step)
+
+    def hparams(self) -> None:
+        """The board's HParams in this run itself (SummaryWriter.add_hparams would make
+        another run), its objectives as the HParams metrics."""
+        from torch.utils.tensorboard.summary import hparams
+
+        if self.board is None:
+            return
+        metrics = {self.board.tag(k): math.nan for k in self.board.objectives}
+        # the values are not written: the metrics are the run's own curves
+        for summary in hparams(dict(self.board.hparams), metrics):
+            self._writer._get_file_writer().add_summary(summary)
 
     def histograms(self, values: dict[str, Tensor], step: int) -> None:
         """`solver/<key>` histograms of the finite values (a histogram has no bin for the

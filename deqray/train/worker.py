@@ -32,6 +32,7 @@ import torch
 
 from deqray.data._fs import locate
 from deqray.tasks import RunContext
+from deqray.tracking import MLflowRun
 
 from . import files
 from .console import progress_line, say
@@ -51,7 +52,7 @@ from .state import (
     to_device,
 )
 from .step import StepResult, train_step
-from .tensorboard import TensorBoardWriter
+from .tensorboard import TensorBoardWriter, TrialBoard
 
 _END = object()  # the end of an epoch's batches
 
@@ -63,7 +64,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     hooks = HookList(loop_config.get("hooks") or [])
     hooks.on_event("start", run_uri=run.run_uri)
     _quiet_library_logs()
-    worker = Worker(run, hooks)
+    worker = Worker(run, hooks, board=loop_config.get("board"))
     worker.restore(ray.train.get_checkpoint())
     shard = ray.train.get_dataset_shard(run.train_split)
     while worker.status == "running":
@@ -81,7 +82,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
 class Worker:
     """One rank's run: the model and optimiser, where the run is, and its reports."""
 
-    def __init__(self, run: RunContext, hooks: HookList) -> None:
+    def __init__(self, run: RunContext, hooks: HookList, board: TrialBoard | None = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -109,6 +110,8 @@ class Worker:
         self.end: dict | None = None
         self.primary = "val_" + self.task.primary(self.exp).name
         self.writer = None
+        self.board = board  # a study's trial: HParams and objectives for TensorBoard
+        self.mlflow: MLflowRun | None = None  # rank 0's, with tracking.mlflow
 
     # ---- start ------------------------------------------------------------------------ #
 
@@ -135,10 +138,15 @@ class Worker:
         if self.rank == 0:
             files.check_storage(self.run.run_uri)  # where its checkpoints will go
         if self.rank == 0 and self.exp.logging.tensorboard:
-            self.writer = TensorBoardWriter(self.run.run_uri)
+            self.writer = TensorBoardWriter(self.run.run_uri, board=self.board)
             if self.progress.step == 0:
                 text = json.dumps(self.exp.to_dict(), indent=1)
                 self.writer.text("config", "```\n" + text + "\n```", 0)
+                self.writer.hparams()
+        if self.rank == 0:
+            # a study's trial (it has a board) is named by its run's directory
+            trial = self.run.run_uri.rstrip("/").rsplit("/", 1)[-1] if self.board else None
+            self.mlflow = MLflowRun.start(self.exp, self.run.run_uri, self.progress.step, trial)
 
     # ---- steps ------------------------------------------------------------------------ #
 
@@ -323,6 +331,9 @@ class Worker:
         step = self.progress.step
         with self.hooks.phase("append_metrics"):
             files.append_metrics(self.run.run_uri, metrics)
+        if self.mlflow is not None:
+            with self.hooks.phase("mlflow"):
+                self.mlflow.log(metrics, step)
         if self.writer is None:
             return
         with self.hooks.phase("tensorboard"):
@@ -338,6 +349,8 @@ class Worker:
     def finish(self) -> dict | None:
         if self.writer is not None:
             self.writer.close()
+        if self.mlflow is not None:
+            self.mlflow.end(self.end["status"] if self.end else None)
         self.hooks.on_end()
         return self.end  # rank 0's: Result.return_value
 

@@ -5,14 +5,17 @@
     result.experiment       # <storage>/<name>: Tune's trial dirs, runs/, optuna.db, results.*
 
 The experiment directory holds Tune's state (one directory per trial, with
-its own TensorBoard files and HParams), `runs/<trial_id>/` (the trial's
-training run: checkpoints, metrics.jsonl, tensorboard/), `optuna.db` (the
+Tune's result.json), `runs/<trial name>/` (the trial's training run:
+checkpoints, metrics.jsonl, tensorboard/ with its HParams), `ray.log` (Ray's
+output, unless `deqray tune -v` showed it), `optuna.db` (the
 Optuna study, which `optuna-dashboard sqlite:///.../optuna.db` opens live),
 and at the end `results.csv`, `results.parquet` and `study.png`.
 
-A trial's training run is named after its trial id, so a study resumed with
-`--resume` continues an interrupted trial from its last checkpoint, and
-Tune does not start again the trials that had finished.
+A trial is named `t03-lr0.0031-ft12-...` (its number and sampled values,
+console.TrialNames); its training run and TensorBoard run carry the name, which
+Tune keeps for a restored trial, so a study resumed with `--resume` continues
+an interrupted trial from its last checkpoint, and Tune does not start again
+the trials that had finished.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 from deqray.config import ConfigError, Experiment
 from deqray.data._fs import locate
+from deqray.tracking import trial_overrides
 
 from .study import Study, pareto_front
 
@@ -33,6 +37,7 @@ OPTUNA_DB = "optuna.db"
 STUDY_FILE = "study.json"
 RESULTS = "results"
 PLOT = "study.png"
+LOG_FILE = "ray.log"  # Ray's output while the study ran (console.RayOutput)
 
 # Tune reports of a trial keep these, besides the objectives and parameters.
 SUMMARY_METRICS = ["fwd_nstep", "bwd_nstep", "fwd_converged", "step", "items_per_s"]
@@ -71,20 +76,30 @@ def _report_callback(objectives: dict):
     return ObjectiveReport()
 
 
-def trial_function(params: dict, *, base: dict, objectives: dict, runs_uri: str) -> None:
-    """One trial: the base config with the sampled `params`, trained by a TorchTrainer."""
+def trial_function(
+    params: dict, *, base: dict, objectives: dict, runs_uri: str, tracking: dict
+) -> None:
+    """One trial: the base config with the sampled `params`, trained by a TorchTrainer;
+    `tracking`: the overrides of the study's MLflow section (deqray/tracking.py)."""
     import ray.tune
 
     from deqray.train.driver import trainer_for
+    from deqray.train.tensorboard import TrialBoard
 
-    trial_id = ray.tune.get_context().get_trial_id()
+    ctx = ray.tune.get_context()
+    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     fixed = {
         "checkpoint.storage": runs_uri,
-        "checkpoint.name": trial_id,  # a restored trial resumes its own run
+        # the trial's name (console.TrialNames) is its run's and TensorBoard's;
+        # a restored trial keeps it, and resumes its own run
+        "checkpoint.name": trial_name,
         "logging.progress": False,
+        **tracking,  # rank 0 logs the trial to the study's MLflow experiment
     }
     cfg = Experiment.from_dict(base, f"trial {trial_id}", {**params, **fixed})
-    trainer, *_ = trainer_for(cfg, callbacks=[_report_callback(objectives)], verbose=False)
+    board = TrialBoard(hparams=dict(params), objectives=list(objectives))
+    callbacks = [_report_callback(objectives)]
+    trainer, *_ = trainer_for(cfg, callbacks=callbacks, verbose=False, board=board)
     trainer.fit()
 
 
@@ -137,12 +152,19 @@ def build_tuner(
     resume: bool,
     steps_per_epoch: int | None,
     storage=None,
+    show_ray: bool = True,
+    log_file: str | None = None,
 ):
-    """The Tuner of a new study (sampling into the Optuna `storage`), or the restored one."""
+    """The Tuner of a new study (sampling into the Optuna `storage`), or the restored one.
+
+    `show_ray`: Tune's own output (`deqray tune -v`); else the study's table and
+    one line per trial event (`console.py`); `log_file` is named in failures.
+    """
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    from .console import TrialNames, set_output
     from .optuna_storage import StudySearch
 
     exp_uri = exp_root.rstrip("/") + "/" + study_name
@@ -152,6 +174,7 @@ def build_tuner(
         base=base,
         objectives=dict(study.objectives),
         runs_uri=exp_uri + "/runs",
+        tracking=trial_overrides(study.tracking, study.name),
     )
     # Trial drivers only wait on their TorchTrainer: a sliver of a custom
     # resource, so that they hold no CPU the workers need (docs/ray-notes.md,
@@ -160,7 +183,11 @@ def build_tuner(
     if resume:
         if not ray.tune.Tuner.can_restore(exp_uri):
             raise ConfigError(f"--resume: no study to resume at {exp_uri}")
-        return ray.tune.Tuner.restore(exp_uri, trainable=trainable, resume_errored=True), exp_uri
+        tuner = ray.tune.Tuner.restore(exp_uri, trainable=trainable, resume_errored=True)
+        # Tuner.restore takes no RunConfig: this run's output settings go into the
+        # restored one (docs/ray-notes.md, "Quiet terminal")
+        set_output(tuner._local_tuner.get_run_config(), study, show_ray, log_file)
+        return tuner, exp_uri
 
     metrics, modes = study.metric_names(), [study.objectives[m] for m in study.metric_names()]
     multi = len(metrics) > 1
@@ -194,7 +221,10 @@ def build_tuner(
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=study.trials,
-            max_concurrent_trials=study.concurrency,
+            # (no max_concurrent_trials: the ConcurrencyLimiter above is the limit,
+            # and Tune warns on every study that it ignores the second one)
+            trial_name_creator=TrialNames(list(study.space)),
+            trial_dirname_creator=TrialNames(list(study.space)),
         ),
         run_config=ray.tune.RunConfig(
             name=study_name,
@@ -203,6 +233,7 @@ def build_tuner(
             verbose=1,
         ),
     )
+    set_output(tuner._local_tuner.get_run_config(), study, show_ray, log_file)
     return tuner, exp_uri
 
 
@@ -228,16 +259,20 @@ def run_study(
     resume: bool = False,
     verbose: bool = True,
     optuna_storage: str | None = None,
+    show_ray: bool = False,
 ) -> StudyResult:
     """Run (or resume) a study; returns the trials, the front and where everything is.
 
     `optuna_storage`: an Optuna RDB URL for the trials (else the study's
     `optuna_storage`, else SQLite with the experiment: `optuna_storage.py`).
+    `verbose`: deqray's header and summary. `show_ray` (`deqray tune -v`): Tune's
+    and the workers' output on the terminal too; else they go to
+    `<experiment>/ray.log` and the terminal gets the study's view (`console.py`).
     """
     from deqray.data._ray import connect
     from deqray.tasks.registry import runtime_env_for
-    from deqray.train.context import plan_run
 
+    from .console import RayOutput
     from .dashboard import EXTRA
 
     exp_root, study_name = experiment_uri(study, storage, name, resume)
@@ -255,9 +290,50 @@ def run_study(
     trials_db = _open_trials_db(study, optuna_storage, exp_uri, study_name, resume)
     base = study.experiment({})
     connect(resources=LOCAL_RESOURCES, runtime_env=runtime_env_for(base.task) or None)
+    log_path = _log_path(exp_uri)
+    try:
+        # to the end: the workers' last lines still arrive while the summary is written
+        with RayOutput(log_path, verbose=show_ray):
+            grid = _fit(study, exp_root, study_name, resume, trials_db, verbose, show_ray, log_path)
+            rows = collect_rows(study, grid, exp_uri)
+            result = StudyResult(study, exp_uri, rows, select(study, rows))
+            write_outputs(result)
+            if verbose:
+                print(result.table())
+                print(f"results: {exp_uri}/{RESULTS}.csv, {exp_uri}/{RESULTS}.parquet")
+                print(f"plot: {exp_uri}/{PLOT}")
+                if not show_ray:
+                    print(f"Ray's output: {exp_uri}/{LOG_FILE}")
+                print(f"deqray dashboard {exp_uri}   (optuna-dashboard: {EXTRA})")
+                print(f"tensorboard --logdir {exp_uri}", flush=True)
+    finally:
+        if "://" in exp_uri:  # the log was written here: now to the experiment
+            if not show_ray:
+                locate(exp_uri).join(LOG_FILE).upload(log_path)
+            os.remove(log_path)
+    return result
+
+
+def _log_path(exp_uri: str) -> str:
+    """Where Ray's output is written while the study runs: the experiment itself when
+    it is local, else a local file uploaded at the end."""
+    if "://" in exp_uri:
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="deqray-ray-", suffix=".log")
+        os.close(fd)
+        return path
+    os.makedirs(exp_uri, exist_ok=True)
+    return os.path.join(exp_uri, LOG_FILE)
+
+
+def _fit(study, exp_root, study_name, resume, trials_db, verbose, show_ray, log_path):
+    """The data planned, the Tuner built and fitted (Ray's output already routed)."""
+    from deqray.train.context import plan_run
+
     # The data once, here: an embedded set is generated before trials race for
     # it, and epochs become steps for ASHA's max_t.
-    run = plan_run(base)
+    run = plan_run(study.experiment({}))
     tuner, exp_uri = build_tuner(
         study,
         exp_root,
@@ -265,7 +341,10 @@ def run_study(
         resume=resume,
         steps_per_epoch=run.steps_per_epoch,
         storage=trials_db,
+        show_ray=show_ray,
+        log_file=f"{exp_root.rstrip('/')}/{study_name}/{LOG_FILE}",
     )
+    meta = locate(exp_uri).join(STUDY_FILE)
     if not resume:
         meta.write_bytes(
             json.dumps(
@@ -278,16 +357,12 @@ def run_study(
         for line in study.space_summary():
             print(f"  {line}")
         print(f"  experiment: {exp_uri}")
-    grid = tuner.fit()
-    rows = collect_rows(study, grid)
-    result = StudyResult(study, exp_uri, rows, select(study, rows))
-    write_outputs(result)
-    if verbose:
-        print(result.table())
-        print(f"results: {exp_uri}/{RESULTS}.csv, {exp_uri}/{RESULTS}.parquet, {exp_uri}/{PLOT}")
-        print(f"deqray dashboard {exp_uri}   (optuna-dashboard: {EXTRA})")
-        print(f"tensorboard --logdir {exp_uri}")
-    return result
+        if study.tracking.mlflow.uri is not None:
+            m = study.tracking.mlflow
+            print(f"  mlflow: {m.uri}, experiment {m.experiment_name or study.name}")
+        if not show_ray:
+            print(f"  Ray's output: {log_path} (deqray tune -v: on the terminal)", flush=True)
+    return tuner.fit()
 
 
 def _open_trials_db(study: Study, url: str | None, exp_uri: str, study_name: str, resume: bool):
@@ -332,24 +407,28 @@ def _open_trials_db(study: Study, url: str | None, exp_uri: str, study_name: str
 # --------------------------------------------------------------------------- #
 
 
-def collect_rows(study: Study, grid) -> list[dict]:
+def collect_rows(study: Study, grid, exp_uri: str) -> list[dict]:
     """One row per trial of a Tune ResultGrid (or ExperimentAnalysis-like results)."""
     rows = []
     for r in grid:
         m = dict(r.metrics or {})
-        trial_id = m.get("trial_id") or (os.path.basename(r.path) if r.path else "")
-        rows.append(_row(study, trial_id, dict(r.config or {}), m, r.error, r.path))
+        name = os.path.basename(r.path.rstrip("/")) if r.path else ""
+        trial_id = m.get("trial_id") or name
+        run = f"{exp_uri.rstrip('/')}/runs/{name}"
+        rows.append(_row(study, trial_id, name, run, dict(r.config or {}), m, r.error, r.path))
     return rows
 
 
-def _row(study, trial_id, config, m, error, path) -> dict:
+def _row(study, trial_id, name, run, config, m, error, path) -> dict:
+    """`name`: the trial's (console.TrialNames), also its directory's; `run`: its
+    training run, `<experiment>/runs/<name>`; `path`: Tune's trial directory."""
     status = m.get("status") or ("error" if error else "unknown")
     reports = m.get("training_iteration", 0)
     if status == "running":
         # the last report of a trial that ended without one saying "finished":
         # ASHA stopped it, or the study is still going
         status = "stopped early" if error is None else "error"
-    row: dict[str, Any] = {"trial_id": trial_id, "status": status}
+    row: dict[str, Any] = {"trial": name, "trial_id": trial_id, "status": status}
     row["reason"] = m.get("reason") or (str(error).splitlines()[0][:200] if error else "")
     for key in study.space:
         row[key] = config.get(key)
@@ -361,6 +440,7 @@ def _row(study, trial_id, config, m, error, path) -> dict:
             v = m.get(key)
             row[key] = float(v) if isinstance(v, (int, float)) else math.nan
     row["reports"] = reports
+    row["run"] = run
     row["path"] = path or ""
     return row
 
@@ -394,7 +474,7 @@ def format_table(study: Study, rows: list[dict], front: list[int]) -> str:
         and k not in objs
         and not k.startswith(("val_", "train_"))
     )
-    cols = ["trial_id", *objs, *tested, *params, "fwd_nstep", "reports", "status"]
+    cols = ["trial", *objs, *tested, *params, "fwd_nstep", "reports", "status"]
     title = "Pareto front" if study.is_multi_objective else "best trial"
     lines = [f"{title} of {len(rows)} trials (* marks it):"]
     cells = [[_cell(r.get(c, "-")) for c in cols] for r in rows]
@@ -407,7 +487,7 @@ def format_table(study: Study, rows: list[dict], front: list[int]) -> str:
         lines.append(mark + " " + "  ".join(x.ljust(w) for x, w in zip(cell, widths, strict=True)))
     for r in rows:
         if r["status"] in ("diverged", "error") and r["reason"]:
-            lines.append(f"  {r['trial_id']}: {r['status']}: {r['reason']}")
+            lines.append(f"  {r['trial']}: {r['status']}: {r['reason']}")
     return "\n".join(lines)
 
 
@@ -520,7 +600,11 @@ def load_results(experiment: str) -> StudyResult:
         lines = results.read_bytes().decode().splitlines() if results.exists() else []
         last = json.loads(lines[-1]) if lines else {}
         error = _last_line(d.join("error.txt")) if tune_status == "ERROR" else None
-        row = _row(study, trial_id, params, last, error, d.uri)
+        name = logdir.rstrip("/").rsplit("/", 1)[-1]
+        run = exp.join("runs", name)
+        if not run.exists() and exp.join("runs", trial_id).exists():
+            run = exp.join("runs", trial_id)  # a study from before trials had names
+        row = _row(study, trial_id, name, run.uri, params, last, error, d.uri)
         if tune_status in ("RUNNING", "PENDING", "PAUSED") and row["status"] in (
             "stopped early",
             "unknown",
