@@ -9,21 +9,16 @@ The server is a `python -m deqray.cli dashboard` subprocess on a free port of
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.s3_server import free_port
 
 
-def _get(url: str):
+def get_json(url: str):
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.loads(r.read())
 
@@ -46,7 +41,7 @@ def dashboard_trials(experiment: str, timeout: float = 60.0) -> list[dict]:
                     f"deqray dashboard exited {proc.returncode}: {proc.stdout.read()}"
                 )
             try:
-                studies = _get(f"{base}/api/studies")["study_summaries"]
+                studies = get_json(f"{base}/api/studies")["study_summaries"]
                 break
             except (urllib.error.URLError, ConnectionError):
                 if time.monotonic() > deadline:
@@ -54,7 +49,7 @@ def dashboard_trials(experiment: str, timeout: float = 60.0) -> list[dict]:
                 time.sleep(0.5)
         trials = []
         for s in studies:
-            detail = _get(f"{base}/api/studies/{s['study_id']}")
+            detail = get_json(f"{base}/api/studies/{s['study_id']}")
             for t in detail["trials"]:
                 params = {p["name"]: p["param_external_value"] for p in t["params"]}
                 trials.append(

@@ -10,8 +10,6 @@ by its PID on leaving the block. benchmarks/tensorboard_screenshot.py uses it to
 from __future__ import annotations
 
 import contextlib
-import json
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +17,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
+from tests.dashboard_client import get_json
+from tests.s3_server import free_port
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,17 +31,12 @@ from deqray.config import CONFIG_DIR, ConfigError, load_config
 from deqray.train.files import read_metrics
 from deqray.tune.runner import load_results
 from deqray.tune.study import load_study
+from tests.s3_server import free_port
 from tests.shared_runs import LM, data_cache
 from tests.test_tune import GOOD, GOOD2, deqray_tune, study_file
 
 # what MLflow must hold for every report, beside the objectives: the solver's statistics
 SOLVER = ["fwd_nstep", "fwd_rel_residual", "val_fwd_nstep", "val_fwd_rel_residual"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +45,7 @@ def mlflow_uri():
     removed at the end of the module."""
     pytest.importorskip("mlflow")  # deqray[dev] installs it; the suite runs with dev
     root = Path(tempfile.mkdtemp(prefix="deqray-mlflow-"))
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     saved = os.environ.get("MLFLOW_DISABLE_TELEMETRY")
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # no network here to send it to
