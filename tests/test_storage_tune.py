@@ -129,9 +129,10 @@ def cache(tmp_path_factory):
 def test_s3_study_resumes_on_another_machine_from_the_sqlite_copy(
     s3_server, s3_bucket, cache, tmp_path
 ):
-    """~100 s: a 2-trial study on s3:// interrupted in its second trial on machine A;
-    A's SQLite file deleted; resumed on machine B; nothing lost, nothing run twice."""
-    path = study_file(tmp_path, cache)
+    """~130 s: a 3-trial study on s3:// interrupted in its second trial on machine A;
+    A's SQLite file deleted; resumed on machine B, which reruns the second and samples
+    the third; nothing lost, nothing run twice."""
+    path = study_file(tmp_path, cache, trials=3)
     root, exp = f"{s3_bucket}/tune", f"{s3_bucket}/tune/s"
     a, b = Machine(tmp_path, "a"), Machine(tmp_path, "b")
     proc = a.tune(path, "--storage", root, "--name", "s", wait=False)
@@ -159,15 +160,16 @@ def test_s3_study_resumes_on_another_machine_from_the_sqlite_copy(
 
     b.tune(path, "--storage", root, "--name", "s", "--resume")
     result = load_results(exp)
-    assert len(result.rows) == 2 and all(r["status"] == "finished" for r in result.rows)
+    assert len(result.rows) == 3 and all(r["status"] == "finished" for r in result.rows)
     for r in result.rows:
         if r["trial_id"] in finished:  # not run again: the same reports
             assert r["reports"] == finished[r["trial_id"]]["reports"] == 2
             assert r["val_ppl"] == finished[r["trial_id"]]["val_ppl"]
     copy.write_bytes(locate(f"{exp}/{OPTUNA_DB}").read_bytes())
     trials = optuna.load_study(study_name="s", storage=f"sqlite:///{copy}").trials
-    # two trials in all, both complete: the interrupted one told once, none sampled again
-    assert [t.state for t in trials] == [COMPLETE, COMPLETE]
+    # three trials in all, all complete: the interrupted one told once, none sampled
+    # twice, and the one never started before the interruption sampled after it
+    assert [t.state for t in trials] == [COMPLETE] * 3
     for number, (params, value) in done_before.items():
         assert (trials[number].params, trials[number].value) == (params, value)
     assert sorted(t.value for t in trials) == sorted(r["val_ppl"] for r in result.rows)

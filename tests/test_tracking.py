@@ -1,27 +1,20 @@
-"""MLflow tracking (`tracking: {mlflow: ...}`) against a real MLflow server.
+"""MLflow tracking (`tracking: {mlflow: ...}`) of a training run, and the section's checks.
 
-The module starts `mlflow server` on 127.0.0.1 (SQLite backend, artifacts in
-a temporary directory), runs a 2-trial study through `deqray tune` and a
-3-report `deqray.train.fit`, each pointed at it, and reads back with
-MLflow's own client what Ray's `setup_mlflow` logged from rank 0: one MLflow
-run per trial (or per training run), its parameters, and metric histories
-that match, report by report, the run's own metrics.jsonl (the objectives and
-the solver's statistics). The loaders' checks of the section run without Ray.
+A 3-report `deqray.train.fit` pointed at a real MLflow server on 127.0.0.1
+(tests/mlflow_server.py), read back with MLflow's own client: the one MLflow
+run that Ray's `setup_mlflow` made on rank 0, its parameters, and metric
+histories that match, report by report, the run's own metrics.jsonl. A
+study's trials, one MLflow run each, are checked on tests/test_tune.py's
+study. The loaders' checks of the section run without Ray.
 
 Cost on the 2-core machine, alone (2026-12-02): the server starts in 16 s,
-the study takes 103 s, the training run 34 s, the loader checks under a second.
+the training run 34 s, the loader checks under a second.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,145 +22,11 @@ import yaml
 
 from deqray.config import CONFIG_DIR, ConfigError, load_config
 from deqray.train.files import read_metrics
-from deqray.tune.runner import load_results
 from deqray.tune.study import load_study
-from tests.s3_server import free_port
+from tests.mlflow_server import client as mlflow_client
+from tests.mlflow_server import history
 from tests.shared_runs import LM, data_cache
-from tests.test_tune import GOOD, GOOD2, deqray_tune, study_file
-
-# what MLflow must hold for every report, beside the objectives: the solver's statistics
-SOLVER = ["fwd_nstep", "fwd_rel_residual", "val_fwd_nstep", "val_fwd_rel_residual"]
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri():
-    """A real MLflow tracking server on 127.0.0.1, stopped (by its process group) and
-    removed at the end of the module."""
-    pytest.importorskip("mlflow")  # deqray[dev] installs it; the suite runs with dev
-    root = Path(tempfile.mkdtemp(prefix="deqray-mlflow-"))
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    saved = os.environ.get("MLFLOW_DISABLE_TELEMETRY")
-    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # no network here to send it to
-    # no job runner (MLflow's GenAI evaluation jobs): two fewer processes on 2 cores
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--default-artifact-root",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the web workers stop with it
-    )
-    try:
-        # 10-20 s on a quiet machine (database migrations, then the app's imports);
-        # minutes beside other test sessions on the same 2 cores
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log.flush()
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-        if saved is None:
-            os.environ.pop("MLFLOW_DISABLE_TELEMETRY", None)
-        else:
-            os.environ["MLFLOW_DISABLE_TELEMETRY"] = saved
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
-# --------------------------------------------------------------------------- #
-# a study: one MLflow run per trial, from the trial's rank 0
-# --------------------------------------------------------------------------- #
-
-
-def test_a_study_logs_one_mlflow_run_per_trial(mlflow_uri, tmp_path, tmp_path_factory):
-    # The base experiment tracks to another MLflow experiment: the study's own
-    # section wins.
-    base = yaml.safe_load((CONFIG_DIR / "markov-tiny.yaml").read_text())
-    base["tracking"] = {"mlflow": {"uri": mlflow_uri, "experiment_name": "trial-workers"}}
-    base_file = tmp_path / "base.yaml"
-    base_file.write_text(yaml.safe_dump(base))
-    path = study_file(
-        tmp_path,
-        str(data_cache(tmp_path_factory)),
-        base=str(base_file),
-        trials=2,
-        scheduler={"name": "none"},  # both trials make all 4 reports
-        points_to_evaluate=[GOOD, GOOD2],
-        tracking={"mlflow": {"uri": mlflow_uri, "experiment_name": "sweep"}},
-    )
-    out = deqray_tune(path, "--storage", tmp_path / "exp", "--name", "s")
-    assert f"mlflow: {mlflow_uri}, experiment sweep" in out
-    result = load_results(str(tmp_path / "exp" / "s"))
-    assert len(result.rows) == 2
-
-    client = _client(mlflow_uri)
-    assert client.get_experiment_by_name("trial-workers") is None
-    sweep = client.get_experiment_by_name("sweep")
-    runs = client.search_runs([sweep.experiment_id])
-    assert len(runs) == 2
-    space = ["optim.lr", "deq.f_thres", "deq.f_solver"]
-    by_params = {tuple(r.data.params[k] for k in space): r for r in runs}
-    assert set(by_params) == {tuple(str(p[k]) for k in space) for p in (GOOD, GOOD2)}
-    for row in result.rows:
-        run = by_params[tuple(str(row[k]) for k in space)]
-        assert run.info.run_name == row["trial"] and run.data.tags["deqray.trial"] == row["trial"]
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["deqray.status"] == "finished"
-        assert run.data.tags["deqray.run_uri"] == row["run"]
-        # the trial's whole config: the study's fixed overrides too
-        assert run.data.params["optim.steps"] == "24" and run.data.params["optim.batch_size"] == "8"
-        assert run.data.params["tracking.mlflow.experiment_name"] == "sweep"
-        reports = read_metrics(row["run"])
-        assert [r["step"] for r in reports] == [6, 12, 18, 24]
-        for key in ["val_ppl", *SOLVER]:
-            expected = [(r["step"], pytest.approx(r[key], rel=1e-9)) for r in reports]
-            assert _history(client, run.info.run_id, key) == expected, key
-        # the backward solver runs in DEQ mode only: after the 6 pretraining steps
-        deq = [(r["step"], r["bwd_nstep"]) for r in reports if "bwd_nstep" in r]
-        assert len(deq) == 3 and all(v > 0 for _, v in deq)
-        assert _history(client, run.info.run_id, "bwd_nstep") == deq
-
+from tests.test_tune import SOLVER, study_file
 
 # --------------------------------------------------------------------------- #
 # a training run: setup_mlflow on rank 0
@@ -192,7 +51,7 @@ def test_a_training_run_logs_its_config_and_every_report(
     reports = read_metrics(result.path)
     assert [r["step"] for r in reports] == [4, 8, 12]
 
-    client = _client(mlflow_uri)
+    client = mlflow_client(mlflow_uri)
     experiment = client.get_experiment_by_name("markov-tiny")  # the config's stem by default
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == os.path.basename(result.path)
@@ -208,10 +67,10 @@ def test_a_training_run_logs_its_config_and_every_report(
     # every report at its optimiser step, the same values as metrics.jsonl
     for key in ["val_ppl", "train_loss", "lr", *SOLVER]:
         expected = [(r["step"], pytest.approx(r[key], rel=1e-9)) for r in reports]
-        assert _history(client, run.info.run_id, key) == expected, key
+        assert history(client, run.info.run_id, key) == expected, key
     deq = [(r["step"], r["bwd_nstep"]) for r in reports if "bwd_nstep" in r]
     assert [s for s, _ in deq] == [8, 12] and all(v > 0 for _, v in deq)
-    assert _history(client, run.info.run_id, "bwd_nstep") == deq
+    assert history(client, run.info.run_id, "bwd_nstep") == deq
     assert "status" not in run.data.metrics  # text stays out of the metrics
 
 

@@ -1,7 +1,12 @@
 """deqray.tune end to end: Ray Tune trials that each fit a TorchTrainer, sampled by Optuna.
 
-A 4-trial study, 2 at a time of 1 worker each, on the embedded Markov
-corpus; an interrupted study resumed; `deqray compare` on the result.
+One 4-trial study, 2 at a time of 1 worker each, on the embedded Markov
+corpus, run once for the module and read by every test: ASHA's early stop,
+the Optuna storage, the Pareto front, the trials' names and HParams,
+TensorBoard's and optuna-dashboard's servers, the terminal, `deqray
+compare`, and MLflow tracking (a real server, tests/mlflow_server.py). A
+resumed study is tested with its storage (tests/test_storage_tune.py: an
+s3:// experiment and SQLite, a local one and PostgreSQL).
 
 Each study runs as `deqray tune` in a subprocess with its own local Ray
 (RAY_ADDRESS=local), as a user runs it. Inside the pytest process, Tune's
@@ -9,29 +14,33 @@ later trials waited forever for their first data read (not reproduced in a
 plain Python process with the same ray.init): the subprocess also keeps a
 hung study from hanging the session. The processes are stopped by PID.
 
-Cost on the 2-core machine (2026-12-02): the 4-trial study 65 s on a quiet
-machine, 165 s beside other Ray tests; the resume 95 s, 350 s beside them.
-Training is 2-3 s of each trial; the rest is Ray starting (a local instance per
-`deqray tune`, about 12 s) and each trial's driver, controller and worker
-processes (15-40 s a trial), so fewer steps or reports would save little.
+Cost on the 2-core machine (2026-12-03): the study 100-130 s beside other
+tests, the MLflow server 15 s. Training is 2-3 s of each trial; the rest is
+Ray starting (a local instance per `deqray tune`, about 12 s) and each
+trial's driver, controller and worker processes (15-40 s a trial), so fewer
+steps or reports would save little.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import yaml
 
+from deqray.config import CONFIG_DIR
+from deqray.train.files import read_metrics
 from deqray.tune.console import trial_label
 from deqray.tune.runner import OPTUNA_DB, load_results
 from deqray.tune.study import pareto_front
 from tests.dashboard_client import dashboard_trials
+from tests.mlflow_server import client as mlflow_client
+from tests.mlflow_server import history as mlflow_history
 from tests.tensorboard_client import scalar_tags, scalars, tensorboard_server
 
 
@@ -62,6 +71,8 @@ GOOD = {"optim.lr": 0.004, "deq.f_thres": 12, "deq.f_solver": "anderson"}
 GOOD2 = {"optim.lr": 0.003, "deq.f_thres": 6, "deq.f_solver": "anderson"}
 BAD = {"optim.lr": 0.0001, "deq.f_thres": 4, "deq.f_solver": "anderson"}
 SPACE = ["optim.lr", "deq.f_thres", "deq.f_solver"]  # study_file's, in its order
+# what MLflow must hold for every report, beside the objectives: the solver's statistics
+SOLVER = ["fwd_nstep", "fwd_rel_residual", "val_fwd_nstep", "val_fwd_rel_residual"]
 
 
 def study_file(tmp_path, cache, **changes):
@@ -107,13 +118,35 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tune-data"))
 
 
-def test_a_four_trial_study(cache, tmp_path):
-    import optuna
+@pytest.fixture(scope="module")
+def study(cache, mlflow_uri, tmp_path_factory):
+    """The 4-trial study, run once: every test below reads it. Its trials track to the
+    module's MLflow server, in the study's own MLflow experiment, though the base
+    experiment names another one (the study's section wins)."""
+    tmp = tmp_path_factory.mktemp("study")
+    base = yaml.safe_load((CONFIG_DIR / "markov-tiny.yaml").read_text())
+    base["tracking"] = {"mlflow": {"uri": mlflow_uri, "experiment_name": "trial-workers"}}
+    (tmp / "base.yaml").write_text(yaml.safe_dump(base))
+    path = study_file(
+        tmp,
+        cache,
+        base=str(tmp / "base.yaml"),
+        tracking={"mlflow": {"uri": mlflow_uri, "experiment_name": "sweep"}},
+    )
+    out = deqray_tune(path, "--storage", tmp / "exp", "--name", "s")
+    return Study(out, load_results(str(tmp / "exp" / "s")), mlflow_uri)
 
-    out = deqray_tune(study_file(tmp_path, cache), "--storage", tmp_path / "exp", "--name", "s")
-    assert "Pareto front of 4 trials" in out and "tensorboard --logdir" in out
-    result = load_results(str(tmp_path / "exp" / "s"))
-    rows = result.rows
+
+@dataclass(frozen=True)
+class Study:
+    out: str  # what deqray tune printed
+    result: Any  # deqray.tune.runner.load_results of its experiment
+    mlflow_uri: str
+
+
+def test_asha_stops_the_bad_trial_and_the_good_ones_run_to_the_end(study):
+    assert "Pareto front of 4 trials" in study.out and "tensorboard --logdir" in study.out
+    rows = study.result.rows
     assert len(rows) == 4
     by_lr = {r["optim.lr"]: r for r in rows}
     # ASHA stopped the bad trial at its first rung; the good ones ran to the end
@@ -124,33 +157,40 @@ def test_a_four_trial_study(cache, tmp_path):
     for r in rows:
         assert math.isfinite(r["val_ppl"]) and r["val_fwd_nstep"] > 0
 
-    # the Optuna storage holds every trial, with the objectives Tune saw
+
+def test_the_optuna_storage_holds_every_trial_with_the_objectives_tune_saw(study):
+    import optuna
+
+    result = study.result
     db = os.path.join(result.experiment, OPTUNA_DB)
     ot = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
     assert len(ot.trials) == 4
     assert {t.state for t in ot.trials} == {optuna.trial.TrialState.COMPLETE}
     seen = sorted(round(t.values[0], 6) for t in ot.trials)
-    assert seen == sorted(round(r["val_ppl"], 6) for r in rows)
+    assert seen == sorted(round(r["val_ppl"], 6) for r in result.rows)
 
-    # the front: the non-dominated trials among those that ran to the end (brute force)
-    objs = {"val_ppl": "min", "val_fwd_nstep": "min"}
+
+def test_the_front_is_the_finished_trials_that_none_dominates(study):
+    rows, objs = study.result.rows, {"val_ppl": "min", "val_fwd_nstep": "min"}
     done = [i for i, r in enumerate(rows) if r["status"] == "finished"]
     pts = {i: (rows[i]["val_ppl"], rows[i]["val_fwd_nstep"]) for i in done}
-    brute = [
+    brute = [  # brute force
         i
         for i, p in pts.items()
         if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in pts.values())
     ]
-    assert sorted(result.front) == sorted(brute)
+    assert sorted(study.result.front) == sorted(brute)
     assert sorted(done[k] for k in pareto_front([rows[i] for i in done], objs)) == sorted(brute)
 
-    # outputs: tables, plot, and TensorBoard with the HParams of every trial
-    for name in ("results.csv", "results.parquet", "study.png"):
-        assert os.path.getsize(os.path.join(result.experiment, name)) > 0
+
+def test_each_trial_is_named_and_its_run_has_its_hparams(study):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    for r in rows:
+    result = study.result
+    for name in ("results.csv", "results.parquet", "study.png"):
+        assert os.path.getsize(os.path.join(result.experiment, name)) > 0
+    for r in result.rows:
         # the trial's name: its number and sampled values, also its run's directory
         number = int(r["trial"][1:3])
         expected = trial_label(number, {k: r[k] for k in SPACE}, SPACE)
@@ -168,16 +208,62 @@ def test_a_four_trial_study(cache, tmp_path):
         assert hp["deq.f_thres"].number_value == r["deq.f_thres"]
         # the objectives' own curve, one point per report
         assert len(acc.Scalars("Objectives/val_ppl")) == r["reports"]
-    assert sorted(int(r["trial"][1:3]) for r in rows) == [0, 1, 2, 3]
+    assert sorted(int(r["trial"][1:3]) for r in result.rows) == [0, 1, 2, 3]
 
-    check_tensorboard(result)
-    check_dashboard(result)
-    check_terminal(out, result)
 
-    # deqray compare reprints the summary from the files
+def test_tensorboard_serves_one_run_per_trial(study):
+    check_tensorboard(study.result)
+
+
+def test_the_dashboard_serves_every_trial(study):
+    check_dashboard(study.result)
+
+
+def test_the_terminal_shows_the_trials_and_ray_logs_to_the_experiment(study):
+    check_terminal(study.out, study.result)
+    assert f"mlflow: {study.mlflow_uri}, experiment sweep" in study.out
+
+
+def test_deqray_compare_reprints_the_summary_from_the_files(study, capsys):
     from deqray.cli import main
 
-    assert main(["compare", result.experiment]) == 0
+    assert main(["compare", study.result.experiment]) == 0
+    assert "Pareto front of 4 trials" in capsys.readouterr().out
+
+
+def test_mlflow_holds_one_run_per_trial_with_every_report(study):
+    """Ray's setup_mlflow on each trial's rank 0: the trial's name, its whole config as
+    parameters, and every report's objectives and solver statistics at its step; a
+    trial stopped early keeps what it reported."""
+    client = mlflow_client(study.mlflow_uri)
+    assert client.get_experiment_by_name("trial-workers") is None
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert len(runs) == 4
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {row["trial"] for row in study.result.rows}
+    for row in study.result.rows:
+        run = by_name[row["trial"]]
+        assert run.data.tags["deqray.trial"] == row["trial"]
+        assert run.data.tags["deqray.run_uri"] == row["run"]
+        for key in SPACE:
+            assert run.data.params[key] == str(row[key])
+        # the trial's whole config: the study's fixed overrides too
+        assert run.data.params["optim.steps"] == "24" and run.data.params["optim.batch_size"] == "8"
+        assert run.data.params["tracking.mlflow.experiment_name"] == "sweep"
+        reports = read_metrics(row["run"])
+        if row["status"] == "finished":
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["deqray.status"] == "finished"
+            assert [r["step"] for r in reports] == [6, 12, 18, 24]
+        else:  # its worker may have reported again before Tune's stop reached it
+            assert len(reports) >= row["reports"] and reports[0]["step"] == 6
+        for key in ["val_ppl", *SOLVER]:
+            expected = [(r["step"], pytest.approx(r[key], rel=1e-9)) for r in reports]
+            assert mlflow_history(client, run.info.run_id, key) == expected, key
+        # the backward solver runs in DEQ mode only: after the 6 pretraining steps
+        deq = [(r["step"], r["bwd_nstep"]) for r in reports if "bwd_nstep" in r]
+        assert len(deq) == len(reports) - 1 and all(v > 0 for _, v in deq)
+        assert mlflow_history(client, run.info.run_id, "bwd_nstep") == deq
 
 
 def check_tensorboard(result):
@@ -236,47 +322,3 @@ def check_terminal(out: str, result):
     log = open(os.path.join(result.experiment, "ray.log")).read()
     assert "RayTrainWorker pid=" in log or "TrainController pid=" in log
     assert f"Ray's output: {result.experiment}/ray.log" in out
-
-
-def test_an_interrupted_study_resumes_without_rerunning_finished_trials(cache, tmp_path):
-    path = study_file(tmp_path, cache, scheduler={"name": "none"}, trials=3, concurrency=1)
-    exp = tmp_path / "exp"
-    proc = deqray_tune(path, "--storage", exp, "--name", "r", wait=False)
-    try:
-        # interrupt once the first trial finished and the second started
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            runs = exp / "r" / "runs"
-            done = [
-                d
-                for d in (os.listdir(runs) if runs.exists() else [])
-                if (runs / d / "status.json").exists()
-            ]
-            if done and len(os.listdir(runs)) >= 2:
-                break
-            time.sleep(0.25)
-        else:
-            pytest.fail("the study did not get going")
-        proc.send_signal(signal.SIGINT)  # as Ctrl-C: Tune saves its state and stops
-        proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    first = load_results(str(exp / "r"))
-    finished = {r["trial_id"]: r["reports"] for r in first.rows if r["status"] == "finished"}
-    assert finished
-
-    deqray_tune(path, "--storage", exp, "--name", "r", "--resume")
-    result = load_results(str(exp / "r"))
-    assert len(result.rows) == 3
-    assert all(r["status"] == "finished" for r in result.rows)
-    for r in result.rows:
-        if r["trial_id"] in finished:
-            # not run again: the same reports as before the interruption
-            assert r["reports"] == finished[r["trial_id"]]
-    import optuna
-
-    ot = optuna.load_study(study_name="r", storage=f"sqlite:///{exp / 'r' / OPTUNA_DB}")
-    complete = [t for t in ot.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 3
