@@ -45,8 +45,8 @@ class ImageData(DataSection):
     # Same batches in the same order on every run (no shuffle or augmentation,
     # ordered decoding): what bitwise resume checks need.
     deterministic: bool = False
-    decode_actors: int = 1  # Ray Data decode actors
-    decode_cpus: float = 0.25  # CPUs per decode actor
+    decode_actors: int = 1  # Ray tasks at once decoding a split decoded once
+    decode_cpus: float = 0.25  # CPUs per decode task
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,8 @@ class ImageClassification(Task):
     def datasets(self, run: RunContext):
         return image_datasets(run, self._read)
 
-    def _read(self, run: RunContext, augment: bool):
-        from deqray.data.vision import decoded_by_actors, vision_datasets
+    def _read(self, run: RunContext, augment: bool, once: list[str]):
+        from deqray.data.vision import decoded_by_tasks, vision_datasets
 
         d, exp = run.experiment.data, run.experiment
         aug: dict[str, Any] = (
@@ -139,7 +139,7 @@ class ImageClassification(Task):
         )
         # Encoded: the workers decode and augment (no actors to start with each
         # epoch). A split decoded once (image_datasets keeps it) is decoded by
-        # actors here, as uint8, and only normalised on the workers.
+        # Ray tasks here, as uint8, and only normalised on the workers.
         datasets = vision_datasets(
             run.plan.root,
             splits=[run.train_split, run.eval_split],
@@ -151,9 +151,9 @@ class ImageClassification(Task):
             **aug,
         )
         for split, ds in datasets.items():
-            if _decoded_once(run, split, augment):
-                datasets[split] = decoded_by_actors(
-                    ds, actors=d.decode_actors, actor_cpus=d.decode_cpus
+            if split in once:
+                datasets[split] = decoded_by_tasks(
+                    ds, tasks=d.decode_actors, task_cpus=d.decode_cpus
                 )
         return datasets
 
@@ -252,8 +252,9 @@ class ImageClassification(Task):
 
 
 def image_datasets(run: RunContext, read) -> tuple[dict[str, Any], Any]:
-    """(datasets, DataConfig) of an image task: `read(run, augment)` builds the Ray
-    Datasets; the evaluation cap, decoding once and deterministic order are added here."""
+    """(datasets, DataConfig) of an image task: `read(run, augment, once)` builds the Ray
+    Datasets, those of the splits in `once` to be decoded once (by tasks); the evaluation
+    cap, keeping those splits decoded and the deterministic order are added here."""
     from ray.data import DataContext, ExecutionOptions
     from ray.train import DataConfig
 
@@ -270,17 +271,18 @@ def image_datasets(run: RunContext, read) -> tuple[dict[str, Any], Any]:
     if d.deterministic:
         context.execution_options = copy.deepcopy(saved[1])
         context.execution_options.preserve_order = True
+    once = [s for s in (train, ev) if _decoded_once(run, s, augment)]
     try:
-        datasets = read(run, augment)
+        datasets = read(run, augment, once)
     finally:
         context.enable_progress_bars, context.execution_options = saved
     if run.eval_batches is not None:
         # A split iterator must be read to its end: cap the data, not the loop.
         per_eval = run.eval_batches * run.batching.eval_batch_per_worker * run.batching.workers
         datasets[ev] = datasets[ev].limit(per_eval)
-    if _decoded_once(run, ev, augment):
+    if ev in once:
         datasets[ev] = datasets[ev].materialize()
-    if _decoded_once(run, train, augment):
+    if train in once:
         datasets[train] = datasets[train].materialize()
         if d.shuffle and not d.deterministic:
             datasets[train] = datasets[train].randomize_block_order()

@@ -142,10 +142,19 @@ class Segmentation(Task):
         from .image_classification import image_datasets
 
         return image_datasets(
-            run, lambda run, augment: self._read(run, [run.train_split, run.eval_split])
+            run,
+            lambda run, augment, once: self._read(
+                run, [run.train_split, run.eval_split], decode_once=once
+            ),
         )
 
-    def _read(self, run: RunContext, splits: list[str], train_split: str | None = None):
+    def _read(
+        self,
+        run: RunContext,
+        splits: list[str],
+        train_split: str | None = None,
+        decode_once: list[str] | None = None,
+    ):
         from deqray.data.segmentation import segmentation_datasets
 
         d = run.experiment.data
@@ -164,6 +173,7 @@ class Segmentation(Task):
             actor_cpus=d.decode_cpus,
             shuffle=d.shuffle,
             seed=run.experiment.train.seed,
+            decode_once=decode_once or (),
         )
 
     def split_batches(self, run: RunContext, split: str, device):
