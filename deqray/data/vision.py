@@ -468,8 +468,9 @@ def decoded_by_actors(
 ) -> Dataset:
     """An "encoded" Dataset of vision_datasets, decoded by a pool of Ray Data actors.
 
-    For a split that is decoded once and kept (`.materialize()`), or for
-    decoding on other nodes' CPUs; `vision_batches` reads the result as well.
+    For a split streamed to the workers with its decoding on other CPUs (other
+    nodes'); a split decoded once and kept is cheaper with `decoded_by_tasks`.
+    `vision_batches` reads the result as well.
     """
     if output not in ("uint8", "float32"):
         raise ValueError(f"output must be 'uint8' or 'float32', got {output!r}")
