@@ -280,6 +280,9 @@ class Worker:
             if final is not None:
                 step = self.progress.step
                 self.end = files.write_status(self.run.run_uri, final, reason, step, metrics)
+                # before the final report: Tune may stop a trial as soon as it has it
+                # (ASHA at max_t), and the MLflow run would be left RUNNING
+                self._close_logs()
         with self.hooks.phase("report"):
             mode = CheckpointUploadMode.NO_UPLOAD  # already in the run's storage
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode)
@@ -347,12 +350,19 @@ class Worker:
     # ---- end -------------------------------------------------------------------------- #
 
     def finish(self) -> dict | None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.mlflow is not None:
-            self.mlflow.end(self.end["status"] if self.end else None)
+        self._close_logs()
         self.hooks.on_end()
         return self.end  # rank 0's: Result.return_value
+
+    def _close_logs(self) -> None:
+        """TensorBoard's writer closed and the MLflow run ended (tagged with how the run
+        ended, if it did), once."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.mlflow is not None:
+            self.mlflow.end(self.end["status"] if self.end else None)
+            self.mlflow = None
 
     def _fault(self, step: int) -> None:
         """Test-only: die like a crashed worker at `debug.fail_at_step` (counted in the run)."""
