@@ -62,14 +62,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from ray.data import ActorPoolStrategy, DataContext, ReadTask, TaskPoolStrategy, read_datasource
+from ray.data import DataContext, ReadTask, read_datasource
 from ray.data.block import BlockMetadata
 
 from ._fs import DataError, locate
 from .images import decode_rgb
 from .manifest import Manifest, load_manifest
 from .masks import IGNORE, KIND, SCHEMA, decode_mask
-from .vision import BLOCK_BYTES, Normalize, ShardSource, _pair, _read_shard, decode_in_task
+from .vision import BLOCK_BYTES, Normalize, ShardSource, _pair, _read_shard, map_decoder
 
 PASS = "_pass"  # column the reader adds: which pass over the data a row belongs to
 CONTEXT_KEY = "deqray.segmentation.normalize"  # a Dataset's mean and std, in its DataContext
@@ -299,7 +299,7 @@ def segmentation_datasets(
     (normalised by the actors) or "uint8" (read it with `segmentation_batches`,
     which normalises on the worker). The splits named in `decode_once`, which
     the caller will `.materialize()`, are decoded by Ray tasks instead of
-    actors (deqray.data.vision.decoded_by_tasks: no processes to start for a
+    actors (deqray.data.vision.map_decoder: no processes to start for a
     one-time pass); they must not be augmented. See the module docstring for
     the rows, the augmentation and the seeds.
     """
@@ -360,26 +360,17 @@ def segmentation_datasets(
             ds = read_datasource(source, num_cpus=read_cpus)
             # each read has its own copy of the context (derived Datasets share it)
             ds.context.set_config(CONTEXT_KEY, {"mean": opts["mean"], "std": opts["std"]})
-            options = {**opts, "output": output}
-            if name in decode_once:
-                if train:
-                    raise ValueError(f"split {name!r} is augmented: it cannot be decoded once")
-                out[name] = ds.map_batches(
-                    decode_in_task,
-                    fn_kwargs={"make": SegmentationTransform, "options": options},
-                    batch_size=batch_size,
-                    batch_format="numpy",
-                    compute=TaskPoolStrategy(size=max(1, actors)),
-                    num_cpus=actor_cpus,
-                )
-                continue
-            out[name] = ds.map_batches(
+            once = name in decode_once
+            if once and train:
+                raise ValueError(f"split {name!r} is augmented: it cannot be decoded once")
+            out[name] = map_decoder(
+                ds,
                 SegmentationTransform,
-                fn_constructor_kwargs=options,
-                batch_size=batch_size,
-                batch_format="numpy",
-                compute=ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
-                num_cpus=actor_cpus,
+                {**opts, "output": output},
+                once,
+                batch_size,
+                actors,
+                actor_cpus,
             )
     finally:
         context.execution_options = saved

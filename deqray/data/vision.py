@@ -472,15 +472,8 @@ def decoded_by_actors(
     nodes'); a split decoded once and kept is cheaper with `decoded_by_tasks`.
     `vision_batches` reads the result as well.
     """
-    if output not in ("uint8", "float32"):
-        raise ValueError(f"output must be 'uint8' or 'float32', got {output!r}")
-    return ds.map_batches(
-        DecodeTransform,
-        fn_constructor_kwargs={**_options(ds), "output": output},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
-        num_cpus=actor_cpus,
+    return map_decoder(
+        ds, DecodeTransform, _decode_options(ds, output), False, batch_size, actors, actor_cpus
     )
 
 
@@ -492,30 +485,54 @@ def decoded_by_tasks(
     tasks: int = 2,
     task_cpus: float = 0.25,
 ) -> Dataset:
-    """An "encoded" Dataset of vision_datasets, decoded by at most `tasks` Ray tasks at once.
+    """An "encoded" Dataset of vision_datasets, decoded by at most `tasks` Ray tasks at once:
+    for a split decoded once and kept (`.materialize()`, an evaluation split)."""
+    return map_decoder(
+        ds, DecodeTransform, _decode_options(ds, output), True, batch_size, tasks, task_cpus
+    )
 
-    For a split decoded once and kept (`.materialize()`, an evaluation split):
-    a task runs in one of Ray's pooled worker processes, which keep their
-    imports from one task to the next, where an actor pool starts processes of
-    its own for each Dataset (3-4 s each, torch and torchvision imported, on
-    2 cores) to decode a few batches. The decoder holds no state between
-    batches of an unaugmented split, so each task makes its own.
-    """
+
+def _decode_options(ds: Dataset, output: str) -> dict[str, Any]:
     if output not in ("uint8", "float32"):
         raise ValueError(f"output must be 'uint8' or 'float32', got {output!r}")
+    return {**_options(ds), "output": output}
+
+
+def map_decoder(
+    ds: Dataset, make: Any, options: dict, once: bool, batch_size: int, size: int, cpus: float
+) -> Dataset:
+    """`ds` through the decoder class `make(**options)`, `size` at a time of `cpus` each.
+
+    A split streamed on every pass: a pool of actors, each with its decoder. A
+    split decoded once (`once`, then kept by `.materialize()`): Ray tasks, which
+    run in Ray's pooled worker processes and keep their imports from one task
+    to the next, where an actor pool starts processes of its own for each
+    Dataset (3-4 s each, torch and torchvision imported, on 2 cores) to decode
+    a few batches; a decoder of an unaugmented split holds no state between
+    batches, so each task makes its own.
+    """
+    if once:
+        return ds.map_batches(
+            decode_in_task,
+            fn_kwargs={"make": make, "options": options},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=TaskPoolStrategy(size=max(1, size)),
+            num_cpus=cpus,
+        )
     return ds.map_batches(
-        decode_in_task,
-        fn_kwargs={"make": DecodeTransform, "options": {**_options(ds), "output": output}},
+        make,
+        fn_constructor_kwargs=options,
         batch_size=batch_size,
         batch_format="numpy",
-        compute=TaskPoolStrategy(size=max(1, tasks)),
-        num_cpus=task_cpus,
+        compute=ActorPoolStrategy(min_size=1, max_size=max(1, size)),
+        num_cpus=cpus,
     )
 
 
 def decode_in_task(batch: dict, *, make: Any, options: dict) -> dict:
-    """One batch through a decoder made for it (`make(**options)`): the map_batches function
-    of a split decoded by tasks."""
+    """One batch through a decoder made for it: map_decoder's function for a split decoded
+    once."""
     return make(**options)(batch)
 
 
