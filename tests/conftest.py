@@ -15,7 +15,9 @@ would.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 
 import pytest
 import torch
@@ -106,17 +108,44 @@ def ray_session(request):
     if ray.is_initialized():  # someone else's instance: use it, leave it
         yield ray
         return
-    ray.init(
-        num_cpus=2,
-        resources={"TRAIN_DRIVER": 4},
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    with _state_api_that_refuses() as address:
+        env = os.environ.get(STATE_API)
+        os.environ[STATE_API] = address  # for the raylet, hence every worker, of this Ray only
+        try:
+            ray.init(
+                num_cpus=2,
+                resources={"TRAIN_DRIVER": 4},
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        finally:
+            if env is None:
+                del os.environ[STATE_API]
+            else:
+                os.environ[STATE_API] = env
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+# Ray Train's PlacementGroupCleaner (a detached actor per fit) asks the state API
+# whether its controller is alive and removes the run's placement group when the
+# answer is "no such actor". Without a dashboard this instance has no state API,
+# and Ray's address lookup may land on http://127.0.0.1:8265, where another Ray
+# on the machine (a `deqray train` run by a test as a user runs it) has its
+# dashboard: that one knows no such actor, and the cleaner killed a live run's
+# workers (docs/ray-notes.md). Pointed at a port that refuses, the cleaner's
+# query fails, which it takes as "unknown" and asks again.
+STATE_API = "RAY_API_SERVER_ADDRESS"
+
+
+@contextlib.contextmanager
+def _state_api_that_refuses():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound and never listening: connections are refused
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture
