@@ -19,8 +19,13 @@ where a pixel has no class, padding included (`.long()` it for a loss);
 
 The work is spread as in `deqray.data.vision` (read its docstring for the
 resources, and why they keep 2 CPUs from deadlocking): one read task a shard
-asking `read_cpus` (0), decoding and augmentation in `map_batches` on a pool
-of CPU actors of `actor_cpus` each, at most `actors` per dataset.
+asking `read_cpus` (0), decoding and augmentation in `map_batches` by Ray
+tasks of `actor_cpus` each, at most `actors` at once per dataset. Tasks, not
+an actor pool: a row's augmentation is seeded by the row (below), so the
+decoder keeps nothing between batches, and tasks run in Ray's pooled worker
+processes, which stay from one epoch to the next with torch imported, where
+Ray Data starts a new actor pool with every execution of a Dataset (each
+epoch), each actor importing torch and torchvision (3-4 s on 2 cores).
 
 Augmentation of the training split (torchvision.transforms.v2, the image as
 `tv_tensors.Image`, the mask as `tv_tensors.Mask`, so each transform moves
@@ -297,11 +302,10 @@ def segmentation_datasets(
     other split gets the evaluation transform. `batch_size` is the decode
     batch of one actor call, not the training batch. `output`: "float32"
     (normalised by the actors) or "uint8" (read it with `segmentation_batches`,
-    which normalises on the worker). The splits named in `decode_once`, which
-    the caller will `.materialize()`, are decoded by Ray tasks instead of
-    actors (deqray.data.vision.map_decoder: no processes to start for a
-    one-time pass); they must not be augmented. See the module docstring for
-    the rows, the augmentation and the seeds.
+    which normalises on the worker). The splits named in `decode_once` are
+    those the caller will `.materialize()`: they must not be augmented (their
+    crops would be frozen). See the module docstring for the rows, the
+    augmentation, the seeds and the decode tasks (`actors`, `actor_cpus`).
     """
     if output not in ("float32", "uint8"):
         raise ValueError(f"output must be 'float32' or 'uint8', got {output!r}")
@@ -360,14 +364,13 @@ def segmentation_datasets(
             ds = read_datasource(source, num_cpus=read_cpus)
             # each read has its own copy of the context (derived Datasets share it)
             ds.context.set_config(CONTEXT_KEY, {"mean": opts["mean"], "std": opts["std"]})
-            once = name in decode_once
-            if once and train:
+            if name in decode_once and train:
                 raise ValueError(f"split {name!r} is augmented: it cannot be decoded once")
             out[name] = map_decoder(
                 ds,
                 SegmentationTransform,
                 {**opts, "output": output},
-                once,
+                True,  # tasks: the module docstring
                 batch_size,
                 actors,
                 actor_cpus,

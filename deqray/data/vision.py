@@ -499,19 +499,20 @@ def _decode_options(ds: Dataset, output: str) -> dict[str, Any]:
 
 
 def map_decoder(
-    ds: Dataset, make: Any, options: dict, once: bool, batch_size: int, size: int, cpus: float
+    ds: Dataset, make: Any, options: dict, tasks: bool, batch_size: int, size: int, cpus: float
 ) -> Dataset:
     """`ds` through the decoder class `make(**options)`, `size` at a time of `cpus` each.
 
-    A split streamed on every pass: a pool of actors, each with its decoder. A
-    split decoded once (`once`, then kept by `.materialize()`): Ray tasks, which
-    run in Ray's pooled worker processes and keep their imports from one task
-    to the next, where an actor pool starts processes of its own for each
-    Dataset (3-4 s each, torch and torchvision imported, on 2 cores) to decode
-    a few batches; a decoder of an unaugmented split holds no state between
-    batches, so each task makes its own.
+    `tasks`: Ray tasks, each making its own decoder for its batch. They run in
+    Ray's pooled worker processes, which keep their imports from one task to
+    the next and from one epoch to the next, where an actor pool starts
+    processes of its own for every execution of a Dataset (3-4 s each, torch
+    and torchvision imported, on 2 cores). Fit for any decoder that holds no
+    state between batches: an unaugmented one, or one whose random draws are
+    seeded by the row (SegmentationTransform). Otherwise a pool of actors,
+    each with its decoder, for the decoders that keep a random stream.
     """
-    if once:
+    if tasks:
         return ds.map_batches(
             decode_in_task,
             fn_kwargs={"make": make, "options": options},
@@ -531,8 +532,7 @@ def map_decoder(
 
 
 def decode_in_task(batch: dict, *, make: Any, options: dict) -> dict:
-    """One batch through a decoder made for it: map_decoder's function for a split decoded
-    once."""
+    """One batch through a decoder made for it: map_decoder's function for Ray tasks."""
     return make(**options)(batch)
 
 

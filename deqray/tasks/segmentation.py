@@ -46,8 +46,8 @@ class SegmentationData(DataSection):
     augment: bool = True
     shuffle: bool = True
     deterministic: bool = False  # no augmentation or shuffling, ordered decoding
-    decode_actors: int = 1
-    decode_cpus: float = 0.25
+    decode_actors: int = 1  # Ray tasks at once decoding a split (deqray.data.segmentation)
+    decode_cpus: float = 0.25  # CPUs per decode task
 
 
 @dataclass(frozen=True)
