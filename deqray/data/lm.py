@@ -59,6 +59,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._fs import DataError, locate, retrying
+from ._ray import read_concurrency
 from .manifest import Manifest, load_manifest
 
 try:  # subclassing needs Ray Train; the rest of this module works without it
@@ -248,6 +249,7 @@ def lane_dataset(
         batch_size=batch_size,  # one task reads piece j of every lane
         batch_format="numpy",
         num_cpus=read_cpus,
+        concurrency=read_concurrency() if read_cpus == 0 else None,  # _ray.read_concurrency
         fn_kwargs={
             "stream": stream,
             "rank": rank,

@@ -71,6 +71,7 @@ from ray.data import DataContext, ReadTask, read_datasource
 from ray.data.block import BlockMetadata
 
 from ._fs import DataError, locate
+from ._ray import read_concurrency
 from .images import decode_rgb
 from .manifest import Manifest, load_manifest
 from .masks import IGNORE, KIND, SCHEMA, decode_mask
@@ -361,7 +362,7 @@ def segmentation_datasets(
                 SegmentationTransform(**opts)
             except ValueError as e:
                 raise DataError(f"{manifest.root}: split {name!r}: {e}") from None
-            ds = read_datasource(source, num_cpus=read_cpus)
+            ds = read_datasource(source, num_cpus=read_cpus, concurrency=read_concurrency())
             # each read has its own copy of the context (derived Datasets share it)
             ds.context.set_config(CONTEXT_KEY, {"mean": opts["mean"], "std": opts["std"]})
             if name in decode_once and train:

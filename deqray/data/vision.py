@@ -55,7 +55,11 @@ CPU share while it waits for input. If the workers plus those idle actors
 fill the CPUs, the read tasks that would feed the actors never start (Ray
 Data reports `backpressured:tasks(ResourceBudget)`): a deadlock. Hence:
   - read tasks ask for `read_cpus` = 0: reading a parquet shard is I/O and
-    a memcpy, and a read that needs no CPU share can always start;
+    a memcpy, and a read that needs no CPU share can always start. At most
+    `read_concurrency()` (the cluster's CPUs) run at once: nothing else
+    bounds reads that ask for no CPU, and Ray starts a worker process for
+    each read in flight (22 for an epoch of 27 shards on 2 CPUs, the first
+    batch after 27 s instead of 7.5 s: benchmarks/bench_segmentation_data.py);
   - decode actors ask for `actor_cpus` = 0.25, at most `actors` = 2 per
     dataset (each execution starts with 1);
   - train workers must ask for fractions too. With
@@ -98,6 +102,7 @@ from ray.data.block import BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ._fs import DataError, StorageUnavailable, locate, retrying_iter
+from ._ray import read_concurrency
 from .images import SCHEMA
 from .manifest import Manifest, load_manifest
 
@@ -421,6 +426,7 @@ def vision_datasets(
         ds = read_datasource(
             ShardSource(root_loc.uri, shards, columns, shuffle=train and shuffle, seed=seed),
             num_cpus=read_cpus,
+            concurrency=read_concurrency(),
         )
         opts = transform_options(
             manifest,
