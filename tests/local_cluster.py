@@ -399,20 +399,27 @@ class LocalCluster:
 
 
 def failover_entrypoint(
-    *, steps: int, eval_every: int, eval_batches: int, cache, storage, worker_cpus: float
+    *,
+    steps: int,
+    eval_every: int,
+    eval_batches: int,
+    storage,
+    worker_cpus: float,
+    cache=None,
+    config: str = "markov-tiny",
 ) -> list[str]:
-    """`pipelines/train.py` on markov-tiny, checkpointing at every evaluation, restarts allowed."""
+    """`pipelines/train.py` on `config`, checkpointing at every evaluation, restarts allowed."""
     return [
         "python",
         "pipelines/train.py",
-        "markov-tiny",
+        config,
         f"optim.steps={steps}",
         "train.pretrain_steps=20",
         f"train.eval_every={eval_every}",
         f"train.eval_batches={eval_batches}",
         "checkpoint.max_failures=3",
         f"scaling.cpus_per_worker={worker_cpus}",
-        f"data.cache={cache}",
+        *([f"data.cache={cache}"] if cache is not None else []),
         "--storage",
         str(storage),
         "--name",
