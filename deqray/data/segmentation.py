@@ -10,7 +10,7 @@
 
 A batch: "image" float32 (B, 3, H, W), normalised by the manifest's mean and
 std (those of the training split): (pixel / 255 - mean) / std per channel;
-with `output="uint8"` the actors ship the (B, 3, H, W) uint8 pixels instead
+with `output="uint8"` the decode tasks ship the (B, 3, H, W) uint8 pixels instead
 (a quarter of the bytes through the object store) and `segmentation_batches`
 normalises them on the worker's device, to the same float32 bit for bit;
 "mask" uint8 (B, H, W), class indices 0..C-1 and 255 (the ignore label)
@@ -49,7 +49,7 @@ test resolution; a smaller eval_size resizes image and mask alike, so the
 score is then taken at that resolution).
 
 Randomness: a row's draws come from its own generator, seeded by (`seed`,
-the pass over the data, the row's index), so which actor decodes a row does
+the pass over the data, the row's index), so which task decodes a row does
 not matter: the same seed gives the same crops, pass by pass. With
 `seed=None` the base seed is drawn once from the OS per call.
 `deterministic` turns augmentation and shuffling off and keeps the read
@@ -301,8 +301,8 @@ def segmentation_datasets(
     unless `augment` is False or `deterministic`, and with `shuffle` read in a
     new shard order each pass (shards were shuffled at preprocessing). Every
     other split gets the evaluation transform. `batch_size` is the decode
-    batch of one actor call, not the training batch. `output`: "float32"
-    (normalised by the actors) or "uint8" (read it with `segmentation_batches`,
+    batch of one decode task, not the training batch. `output`: "float32"
+    (normalised by the decode tasks) or "uint8" (read it with `segmentation_batches`,
     which normalises on the worker). The splits named in `decode_once` are
     those the caller will `.materialize()`: they must not be augmented (their
     crops would be frozen). See the module docstring for the rows, the
@@ -358,7 +358,7 @@ def segmentation_datasets(
                     f"{manifest.root}: images of several sizes (no image_size in the "
                     f"manifest): pass eval_size for split {name!r}"
                 )
-            try:  # here, not first inside a decode actor
+            try:  # here, not first inside a decode task
                 SegmentationTransform(**opts)
             except ValueError as e:
                 raise DataError(f"{manifest.root}: split {name!r}: {e}") from None
