@@ -7,8 +7,9 @@ stops the processes of this instance only (never `ray stop`).
 
 Servers for the storage tests live in their own modules: `s3_server` /
 `s3_bucket` (tests/s3_server.py), `pg_server` / `pg_url`
-(tests/pg_server.py) and `mlflow_uri` (tests/mlflow_server.py, one server
-per module that asks). Ray starts after the S3 server, so that its workers
+(tests/pg_server.py) and `mlflow_uri` / `session_mlflow_uri`
+(tests/mlflow_server.py: one server per module that asks, and one for the
+shared runs). Ray starts after the S3 server, so that its workers
 inherit the S3 settings the session puts in the environment, as a user's
 would.
 """
@@ -22,7 +23,7 @@ import socket
 import pytest
 import torch
 
-from tests.mlflow_server import mlflow_uri  # noqa: F401 (fixture)
+from tests.mlflow_server import mlflow_uri, session_mlflow_uri  # noqa: F401 (fixtures)
 from tests.pg_server import pg_server, pg_url  # noqa: F401 (fixtures)
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 (fixtures)
 
@@ -53,7 +54,13 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # renames node ids in a way that pytest 9 no longer reads: the groups are
 # silently ignored.)
 SHARED_RUN_FILES = frozenset(
-    {"test_train.py", "test_tasks_contract.py", "test_examples.py", "test_evaluate.py"}
+    {
+        "test_train.py",
+        "test_tasks_contract.py",
+        "test_examples.py",
+        "test_evaluate.py",
+        "test_tracking.py",
+    }
 )
 
 
@@ -128,6 +135,16 @@ def ray_session(request):
             yield ray
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_session) -> str:
+    """The session Ray's GCS address. A `deqray` subprocess given it as RAY_ADDRESS joins
+    this instance, as a user's command joins a running cluster, instead of starting a
+    local one of its own (some 10 CPU-s and 5-15 s each: GCS, raylet, dashboard, agents,
+    and their shutdown). Tests that check the start of a local instance keep
+    RAY_ADDRESS=local."""
+    return ray_session.get_runtime_context().gcs_address
 
 
 # Ray Train's PlacementGroupCleaner (a detached actor per fit) asks the state API

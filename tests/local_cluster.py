@@ -324,6 +324,14 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ #
 
+    def freeze(self, node: Node) -> float:
+        """SIGSTOP a node's whole process tree: from this instant it does no more work (a
+        training step in flight does not finish), as when a machine hangs; returns the
+        time. `kill` ends it afterwards (SIGKILL ends stopped processes too)."""
+        t = time.time()
+        _signal(node.pids(), signal.SIGSTOP)
+        return t
+
     def kill(self, node: Node) -> float:
         """SIGKILL a node's whole process tree, as a machine failure would; returns the time.
 

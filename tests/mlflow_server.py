@@ -6,12 +6,14 @@ stopped by that group's id and removed at the end of the module that asked
 for it. The server starts in 10-20 s on a quiet 2-core machine (database
 migrations, then the app's imports); minutes beside other tests.
 
-Fixture: `mlflow_uri` (module), the server's http:// address; tests/test_tune.py
-(a study) and tests/test_tracking.py (a training run) each start one.
+Fixtures, each the server's http:// address: `mlflow_uri` (module; tests/test_tune.py's
+study starts one) and `session_mlflow_uri` (session: the shared language-model run of
+tests/shared_runs.py tracks to it, and tests/test_tracking.py reads it there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -30,6 +32,18 @@ from tests.s3_server import free_port
 
 @pytest.fixture(scope="module")
 def mlflow_uri() -> Iterator[str]:
+    with serve() as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def session_mlflow_uri() -> Iterator[str]:
+    with serve() as uri:
+        yield uri
+
+
+@contextlib.contextmanager
+def serve() -> Iterator[str]:
     pytest.importorskip("mlflow")  # deqray[dev] installs it; the suite runs with dev
     root = Path(tempfile.mkdtemp(prefix="deqray-mlflow-"))
     port = free_port()

@@ -9,11 +9,14 @@ to train fails every later test that asks for it, without training again.
 The caller holds the session's Ray (the `ray_session` fixture).
 
 * `language_model`: a DEQ-Transformer trained by 2 workers with everything a
-  resume must restore switched on (tests/test_train.py trains it, resumes it
-  and breaks it; tests/test_evaluate.py evaluates it).
+  resume must restore switched on, tracked to the session's MLflow server
+  (tests/test_train.py trains it, resumes it and breaks it;
+  tests/test_evaluate.py evaluates it; tests/test_tracking.py reads its
+  MLflow run).
 * `contract_run(task)`: the uninterrupted run of tests/test_tasks_contract.py
   for each task (tests/test_evaluate.py evaluates the classifier's,
-  tests/test_examples.py resumes the example task's through the CLI).
+  tests/test_examples.py resumes the example task's through the CLI,
+  tests/test_train.py checks segmentation's evaluation over two workers).
 """
 
 from __future__ import annotations
@@ -60,8 +63,10 @@ LM_RUN = [
 ]
 LM_WORKERS = 2
 
-# The task contract's runs (tests/test_tasks_contract.py): one worker, the
-# Jacobian loss and the spectral radius on, so that every metric is reported.
+# The task contract's runs (tests/test_tasks_contract.py): the Jacobian loss and
+# the spectral radius on, so that every metric is reported; one worker, but two
+# for segmentation, whose evaluation over both workers' halves of the test split
+# tests/test_train.py checks on the same run (one fit fewer).
 COMMON = [
     "optim.steps=16",
     "train.pretrain_steps=4",
@@ -107,6 +112,9 @@ TASKS = {
         ["optim.batch_size=16", "optim.lr=0.01", "data.train_size=512", "data.eval_size=64"],
     ),
 }
+
+
+CONTRACT_WORKERS = {"segmentation": 2}  # else 1
 
 
 @dataclass(frozen=True)
@@ -165,8 +173,10 @@ def _train(name: str, config, overrides: list[str], workers: int, tmp_path_facto
     return _once(name, make)
 
 
-def language_model(tmp_path_factory) -> Run:
-    overrides = [*LM_RUN, f"data.cache={data_cache(tmp_path_factory)}"]
+def language_model(tmp_path_factory, mlflow_uri: str) -> Run:
+    """`mlflow_uri`: the session's server (conftest's `session_mlflow_uri`)."""
+    cache = data_cache(tmp_path_factory)
+    overrides = [*LM_RUN, f"data.cache={cache}", f"tracking.mlflow.uri={mlflow_uri}"]
     base = {"optim": {"steps": 1}}
     return _train("language model", base, overrides, LM_WORKERS, tmp_path_factory)
 
@@ -182,4 +192,5 @@ def _contract_overrides(task: str, tmp_path_factory) -> list[str]:
 def contract_run(task: str, tmp_path_factory) -> Run:
     config = TASKS[task][0]
     overrides = _contract_overrides(task, tmp_path_factory)
-    return _train(f"contract: {task}", config, overrides, 1, tmp_path_factory)
+    workers = CONTRACT_WORKERS.get(task, 1)
+    return _train(f"contract: {task}", config, overrides, workers, tmp_path_factory)

@@ -1,24 +1,29 @@
-"""`deqray preprocess` end to end, and its errors."""
+"""`deqray preprocess` end to end, and its errors.
+
+Each command is a subprocess that joins the session's Ray (conftest's
+`ray_address`), as a user's joins a running cluster; the errors come before
+Ray is reached."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 from deqray.data import load_manifest
 
 
-def run(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "deqray.cli", "preprocess", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**__import__("os").environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
-    )
+def test_preprocess_embedded_sets_and_option_errors(ray_address, tmp_path):
+    def run(*args, timeout=300):
+        env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_ADDRESS": ray_address}
+        return subprocess.run(
+            [sys.executable, "-m", "deqray.cli", "preprocess", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
 
-
-def test_preprocess_embedded_sets_and_option_errors(tmp_path):
     out = run(
         "markov",
         "--out",

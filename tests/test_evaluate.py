@@ -32,10 +32,10 @@ from tests import shared_runs
 
 
 @pytest.fixture(scope="module")
-def lm_run(ray_session, tmp_path_factory):
+def lm_run(ray_session, session_mlflow_uri, tmp_path_factory):
     """A language model trained by 2 workers for 24 steps, checkpointed every 6, evaluated in
     segments of 12 tokens (trained on 16): shared with tests/test_train.py."""
-    run = shared_runs.language_model(tmp_path_factory)
+    run = shared_runs.language_model(tmp_path_factory, session_mlflow_uri)
     assert run.result.return_value["status"] == "finished"
     return run.path
 

@@ -1,7 +1,8 @@
 """The contract every task meets, shipped or not: one suite, parametrized over the tasks.
 
 For each task (the shipped ones and the example in examples/, which deqray
-does not ship) a short Ray Train run of one worker, with the Jacobian loss
+does not ship) a short Ray Train run of one worker (two for segmentation:
+tests/shared_runs.py), with the Jacobian loss
 and the spectral radius on so that every metric the platform declares is
 reported, and the same run with its worker killed mid-way:
 

@@ -1,14 +1,15 @@
 """MLflow tracking (`tracking: {mlflow: ...}`) of a training run, and the section's checks.
 
-A 3-report `deqray.train.fit` pointed at a real MLflow server on 127.0.0.1
-(tests/mlflow_server.py), read back with MLflow's own client: the one MLflow
+The shared language-model run of tests/shared_runs.py (2 workers, 24 steps,
+4 reports) tracks to a real MLflow server on 127.0.0.1 (the session's,
+tests/mlflow_server.py); read back with MLflow's own client: the one MLflow
 run that Ray's `setup_mlflow` made on rank 0, its parameters, and metric
 histories that match, report by report, the run's own metrics.jsonl. A
 study's trials, one MLflow run each, are checked on tests/test_tune.py's
 study. The loaders' checks of the section run without Ray.
 
-Cost on the 2-core machine, alone (2026-12-02): the server starts in 16 s,
-the training run 34 s, the loader checks under a second.
+Cost: none of its own beyond the shared run and the server's start (10-20 s);
+the loader checks under a second.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import pytest
 import yaml
 
 from deqray.config import CONFIG_DIR, ConfigError, load_config
+from deqray.tracking import default_experiment_name
 from deqray.train.files import read_metrics
 from deqray.tune.study import load_study
+from tests import shared_runs
 from tests.mlflow_server import client as mlflow_client
 from tests.mlflow_server import history
-from tests.shared_runs import LM, data_cache
 from tests.test_tune import SOLVER, study_file
 
 # --------------------------------------------------------------------------- #
@@ -34,44 +36,44 @@ from tests.test_tune import SOLVER, study_file
 
 
 def test_a_training_run_logs_its_config_and_every_report(
-    mlflow_uri, tmp_path, tmp_path_factory, ray_clean
+    session_mlflow_uri, tmp_path_factory, ray_session
 ):
-    from deqray.train.driver import fit
+    lm = shared_runs.language_model(tmp_path_factory, session_mlflow_uri)
+    assert lm.result.return_value["status"] == "finished"
+    reports = read_metrics(lm.path)
+    assert [r["step"] for r in reports] == [6, 12, 18, 24]
 
-    overrides = [
-        *LM,
-        f"data.cache={data_cache(tmp_path_factory)}",
-        "optim.steps=12",
-        "train.pretrain_steps=4",
-        "train.eval_every=4",
-        f"tracking.mlflow.uri={mlflow_uri}",
-    ]
-    result = fit("markov-tiny", overrides, storage=str(tmp_path), verbose=False)
-    assert result.return_value["status"] == "finished"
-    reports = read_metrics(result.path)
-    assert [r["step"] for r in reports] == [4, 8, 12]
-
-    client = mlflow_client(mlflow_uri)
-    experiment = client.get_experiment_by_name("markov-tiny")  # the config's stem by default
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.run_name == os.path.basename(result.path)
+    client = mlflow_client(session_mlflow_uri)
+    # a config given as a dict has no file whose stem would name the experiment
+    experiment = client.get_experiment_by_name("deqray")
+    # other runs of its settings (tests/test_train.py's resumed ones) track there too
+    name = os.path.basename(lm.path)
+    (run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == name]
     assert run.info.status == "FINISHED"
     assert run.data.tags["deqray.status"] == "finished"
-    assert run.data.tags["deqray.run_uri"] == result.path
+    assert run.data.tags["deqray.run_uri"] == lm.path
     # the whole config as dotted keys, as its overrides name them
     params = run.data.params
-    assert params["optim.steps"] == "12" and params["optim.lr"] == "0.003"
+    assert params["optim.steps"] == "24" and params["optim.lr"] == "0.003"
     assert params["data.options.tokens"] == "20000"
     assert params["model.preset"] == "deq-transformer-tiny"
-    assert params["deq.f_thres"] == "20" and params["tracking.mlflow.uri"] == mlflow_uri
+    assert params["deq.f_thres_jitter"] == "3" and params["model.dropout"] == "0.1"
+    assert params["tracking.mlflow.uri"] == session_mlflow_uri
     # every report at its optimiser step, the same values as metrics.jsonl
     for key in ["val_ppl", "train_loss", "lr", *SOLVER]:
         expected = [(r["step"], pytest.approx(r[key], rel=1e-9)) for r in reports]
         assert history(client, run.info.run_id, key) == expected, key
+    # the backward solver runs in DEQ mode only: after the 6 pretraining steps
     deq = [(r["step"], r["bwd_nstep"]) for r in reports if "bwd_nstep" in r]
-    assert [s for s, _ in deq] == [8, 12] and all(v > 0 for _, v in deq)
+    assert [s for s, _ in deq] == [12, 18, 24] and all(v > 0 for _, v in deq)
     assert history(client, run.info.run_id, "bwd_nstep") == deq
     assert "status" not in run.data.metrics  # text stays out of the metrics
+
+
+def test_the_experiment_is_named_after_the_config_file_by_default():
+    assert default_experiment_name(load_config("markov-tiny")) == "markov-tiny"
+    path = CONFIG_DIR / "digits-tiny.yaml"
+    assert default_experiment_name(load_config(str(path))) == "digits-tiny"
 
 
 # --------------------------------------------------------------------------- #

@@ -1,6 +1,6 @@
 """deqray.tune end to end: Ray Tune trials that each fit a TorchTrainer, sampled by Optuna.
 
-One 4-trial study, 2 at a time of 1 worker each, on the embedded Markov
+One 3-trial study, 2 at a time of 1 worker each, on the embedded Markov
 corpus, run once for the module and read by every test: ASHA's early stop,
 the Optuna storage, the Pareto front, the trials' names and HParams,
 TensorBoard's and optuna-dashboard's servers, the terminal, `deqray
@@ -97,14 +97,15 @@ def study_file(tmp_path, cache, **changes):
         },
         "sampler": {"name": "tpe", "n_startup_trials": 2},
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
-        "trials": 4,
+        "trials": 3,
         "concurrency": 2,
         # A quarter CPU per worker: two trials and their data reads fit on 2
         # CPUs even while Ray Train still holds a finished trial's workers
         # (with half a CPU, the third trial's first read waited forever).
         "resources": {"workers": 1, "cpus_per_worker": 0.25},
         "seed": 0,
-        # two good settings first: the bad one then meets ASHA's recorded rungs
+        # two good settings first: the bad one then meets ASHA's recorded rungs (the
+        # studies of tests/test_storage_tune.py and tests/test_examples.py sample theirs)
         "points_to_evaluate": [GOOD, GOOD2, BAD],
     }
     body.update(changes)
@@ -120,7 +121,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def study(cache, mlflow_uri, tmp_path_factory):
-    """The 4-trial study, run once: every test below reads it. Its trials track to the
+    """The 3-trial study, run once: every test below reads it. Its trials track to the
     module's MLflow server, in the study's own MLflow experiment, though the base
     experiment names another one (the study's section wins)."""
     tmp = tmp_path_factory.mktemp("study")
@@ -145,9 +146,9 @@ class Study:
 
 
 def test_asha_stops_the_bad_trial_and_the_good_ones_run_to_the_end(study):
-    assert "Pareto front of 4 trials" in study.out and "tensorboard --logdir" in study.out
+    assert "Pareto front of 3 trials" in study.out and "tensorboard --logdir" in study.out
     rows = study.result.rows
-    assert len(rows) == 4
+    assert len(rows) == 3
     by_lr = {r["optim.lr"]: r for r in rows}
     # ASHA stopped the bad trial at its first rung; the good ones ran to the end
     assert by_lr[BAD["optim.lr"]]["status"] == "stopped early"
@@ -164,7 +165,7 @@ def test_the_optuna_storage_holds_every_trial_with_the_objectives_tune_saw(study
     result = study.result
     db = os.path.join(result.experiment, OPTUNA_DB)
     ot = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
-    assert len(ot.trials) == 4
+    assert len(ot.trials) == 3
     assert {t.state for t in ot.trials} == {optuna.trial.TrialState.COMPLETE}
     seen = sorted(round(t.values[0], 6) for t in ot.trials)
     assert seen == sorted(round(r["val_ppl"], 6) for r in result.rows)
@@ -208,7 +209,7 @@ def test_each_trial_is_named_and_its_run_has_its_hparams(study):
         assert hp["deq.f_thres"].number_value == r["deq.f_thres"]
         # the objectives' own curve, one point per report
         assert len(acc.Scalars("Objectives/val_ppl")) == r["reports"]
-    assert sorted(int(r["trial"][1:3]) for r in result.rows) == [0, 1, 2, 3]
+    assert sorted(int(r["trial"][1:3]) for r in result.rows) == [0, 1, 2]
 
 
 def test_tensorboard_serves_one_run_per_trial(study):
@@ -228,7 +229,7 @@ def test_deqray_compare_reprints_the_summary_from_the_files(study, capsys):
     from deqray.cli import main
 
     assert main(["compare", study.result.experiment]) == 0
-    assert "Pareto front of 4 trials" in capsys.readouterr().out
+    assert "Pareto front of 3 trials" in capsys.readouterr().out
 
 
 def test_mlflow_holds_one_run_per_trial_with_every_report(study):
@@ -238,7 +239,7 @@ def test_mlflow_holds_one_run_per_trial_with_every_report(study):
     client = mlflow_client(study.mlflow_uri)
     assert client.get_experiment_by_name("trial-workers") is None
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
-    assert len(runs) == 4
+    assert len(runs) == 3
     by_name = {r.info.run_name: r for r in runs}
     assert set(by_name) == {row["trial"] for row in study.result.rows}
     for row in study.result.rows:
@@ -289,7 +290,7 @@ def check_dashboard(result):
     """`deqray dashboard EXPERIMENT` serves every trial with its objective values; the
     Optuna trial number is the one in the trial's name."""
     trials = dashboard_trials(result.experiment)
-    assert len(trials) == len(result.rows) == 4
+    assert len(trials) == len(result.rows) == 3
     by_number = {int(r["trial"][1:3]): r for r in result.rows}
     for t in trials:
         r = by_number[t["number"]]
@@ -307,7 +308,7 @@ def check_dashboard(result):
 def check_terminal(out: str, result):
     """The terminal: the trial lines, the table, the summary; Ray's output in ray.log."""
     lines = out.splitlines()
-    # Tune's table every minute (11 lines for 4 trials); everything else fits in 45 lines
+    # Tune's table every minute (at most 11 lines); everything else fits in 45 lines
     tables = out.count("== Status ==")
     assert 1 <= tables and len(lines) <= 45 + 11 * tables, out
     for r in result.rows:
