@@ -141,9 +141,10 @@ def ray_session(request):
 def ray_address(ray_session) -> str:
     """The session Ray's GCS address. A `deqray` subprocess given it as RAY_ADDRESS joins
     this instance, as a user's command joins a running cluster, instead of starting a
-    local one of its own (some 10 CPU-s and 5-15 s each: GCS, raylet, dashboard, agents,
-    and their shutdown). Tests that check the start of a local instance keep
-    RAY_ADDRESS=local."""
+    local one of its own (about half of a `deqray preprocess digits`: 8 of its 16 CPU-s
+    are its instance's GCS, raylet, dashboard and agents). For a `deqray tune` the
+    saving was lost in its trials' cost (docs/ray-notes.md, "What a fit costs on 2
+    CPUs"). Tests that check the start of a local instance keep RAY_ADDRESS=local."""
     return ray_session.get_runtime_context().gcs_address
 
 

@@ -2,8 +2,8 @@
 
 `mlflow server` with a SQLite backend and artifacts in a temporary
 directory, in a process group of its own (its web workers stop with it),
-stopped by that group's id and removed at the end of the module that asked
-for it. The server starts in 10-20 s on a quiet 2-core machine (database
+stopped by that group's id and removed at the end of the module (or the
+session) that asked for it. The server starts in 10-20 s on a quiet 2-core machine (database
 migrations, then the app's imports); minutes beside other tests.
 
 Fixtures, each the server's http:// address: `mlflow_uri` (module; tests/test_tune.py's
