@@ -10,13 +10,17 @@ The caller holds the session's Ray (the `ray_session` fixture).
 
 * `language_model`: a DEQ-Transformer trained by 2 workers with everything a
   resume must restore switched on, tracked to the session's MLflow server
-  (tests/test_train.py trains it, resumes it and breaks it;
-  tests/test_evaluate.py evaluates it; tests/test_tracking.py reads its
-  MLflow run).
+  (tests/test_train.py checks it, tests/test_evaluate.py evaluates it,
+  tests/test_tracking.py reads its MLflow run). It is also the language
+  model's run of the task contract.
 * `contract_run(task)`: the uninterrupted run of tests/test_tasks_contract.py
   for each task (tests/test_evaluate.py evaluates the classifier's,
   tests/test_examples.py resumes the example task's through the CLI,
   tests/test_train.py checks segmentation's evaluation over two workers).
+* `interrupted_run(task)`: the same run with a worker killed on the way,
+  resumed by Ray Train from its checkpoint (the contract's resume test). The
+  language model's is also stopped by its driver first and resumed by a new
+  driver that names it (tests/test_train.py checks both halves).
 """
 
 from __future__ import annotations
@@ -66,7 +70,9 @@ LM_WORKERS = 2
 # The task contract's runs (tests/test_tasks_contract.py): the Jacobian loss and
 # the spectral radius on, so that every metric is reported; one worker, but two
 # for segmentation, whose evaluation over both workers' halves of the test split
-# tests/test_train.py checks on the same run (one fit fewer).
+# tests/test_train.py checks on the same run (one fit fewer). The language
+# model's is the shared run above (LM_RUN: two fits fewer).
+LANGUAGE_MODEL = "language_model"
 COMMON = [
     "optim.steps=16",
     "train.pretrain_steps=4",
@@ -81,15 +87,7 @@ COMMON = [
     "checkpoint.keep=null",
 ]
 TASKS = {
-    "language_model": (
-        "markov-tiny",
-        [
-            MARKOV,
-            "optim.batch_size=8",
-            "optim.lr=0.003",
-            "model.dropout=0.1",
-        ],
-    ),
+    LANGUAGE_MODEL: ({"optim": {"steps": 1}}, LM_RUN),
     # The digits as a user's preprocessed set (data.source=<its directory>, added
     # by _contract_overrides): tests/test_evaluate.py moves it to see the error.
     "image_classification": (
@@ -114,7 +112,10 @@ TASKS = {
 }
 
 
-CONTRACT_WORKERS = {"segmentation": 2}  # else 1
+CONTRACT_WORKERS = {"segmentation": 2, LANGUAGE_MODEL: LM_WORKERS}  # else 1
+# Where the contract's worker dies, and the language model's driver stops before it.
+FAULT_STEP = {LANGUAGE_MODEL: 22}  # else 10
+LM_STOP_STEP = 12
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,8 @@ def language_model(tmp_path_factory, mlflow_uri: str) -> Run:
     """`mlflow_uri`: the session's server (conftest's `session_mlflow_uri`)."""
     cache = data_cache(tmp_path_factory)
     overrides = [*LM_RUN, f"data.cache={cache}", f"tracking.mlflow.uri={mlflow_uri}"]
-    base = {"optim": {"steps": 1}}
-    return _train("language model", base, overrides, LM_WORKERS, tmp_path_factory)
+    config = TASKS[LANGUAGE_MODEL][0]
+    return _train("language model", config, overrides, LM_WORKERS, tmp_path_factory)
 
 
 def _contract_overrides(task: str, tmp_path_factory) -> list[str]:
@@ -189,8 +190,55 @@ def _contract_overrides(task: str, tmp_path_factory) -> list[str]:
     return [*COMMON, *overrides, *extra]
 
 
-def contract_run(task: str, tmp_path_factory) -> Run:
+def contract_run(task: str, tmp_path_factory, mlflow_uri: str | None = None) -> Run:
+    """`mlflow_uri`: the session's MLflow server, for the language model (its run tracks)."""
+    if task == LANGUAGE_MODEL:
+        if mlflow_uri is None:
+            raise ValueError("the language model's run tracks to MLflow: pass mlflow_uri")
+        return language_model(tmp_path_factory, mlflow_uri)
     config = TASKS[task][0]
     overrides = _contract_overrides(task, tmp_path_factory)
     workers = CONTRACT_WORKERS.get(task, 1)
     return _train(f"contract: {task}", config, overrides, workers, tmp_path_factory)
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    run: Run  # the run that went on to its end, its worker killed at `fault_step`
+    fault_step: int
+    stopped: Any = None  # the language model's: the ray.train.Result of the stopped driver
+
+
+def interrupted_run(task: str, tmp_path_factory, mlflow_uri: str | None = None) -> Interrupted:
+    """`contract_run(task)` again, in the same storage, with a worker killed at
+    FAULT_STEP and one restart allowed. For the language model, rank 1 dies, after
+    a first driver stopped the run at LM_STOP_STEP and a second one resumed it by
+    its name."""
+    whole = contract_run(task, tmp_path_factory, mlflow_uri)
+    step = FAULT_STEP.get(task, 10)
+    fault = [f"debug.fail_at_step={step}", "checkpoint.max_failures=1"]
+
+    def make():
+        stopped, name, overrides = None, None, [*whole.overrides, *fault]
+        if task == LANGUAGE_MODEL:
+            stopped = fit(
+                whole.config,
+                [*whole.overrides, f"train.stop_at_step={LM_STOP_STEP}"],
+                workers=whole.workers,
+                storage=str(whole.storage),
+                verbose=False,
+            )
+            name, overrides = Path(stopped.path).name, [*overrides, "debug.fail_rank=1"]
+        result = fit(
+            whole.config,
+            overrides,
+            workers=whole.workers,
+            storage=str(whole.storage),
+            name=name,
+            verbose=False,
+        )
+        return Interrupted(
+            Run(whole.config, overrides, whole.workers, whole.storage, result), step, stopped
+        )
+
+    return _once(f"interrupted: {task}", make)

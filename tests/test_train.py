@@ -3,8 +3,9 @@
 Each test is one or two short TorchTrainer runs on the session's Ray
 instance, or reads a shared one (tests/shared_runs.py): the language
 model's uninterrupted run (tests/test_evaluate.py evaluates it,
-tests/test_tracking.py reads its MLflow run) and the task contract's
-segmentation run, which has two workers. Runs read their
+tests/test_tracking.py reads its MLflow run), the same run stopped,
+resumed and broken (the task contract's resume test for the language
+model) and the task contract's segmentation run, which has two workers. Runs read their
 reports back from `<run>/metrics.jsonl` and TensorBoard's files with
 TensorBoard's own EventAccumulator.
 """
@@ -188,42 +189,34 @@ def _same(a, b):
         assert math.isclose(vl_a, vl_b, rel_tol=1e-5, abs_tol=1e-6), (s, vl_a, vl_b)
 
 
-def test_worker_failure_and_driver_restart_continue_the_same_trajectory(lm_run, cache):
+def test_worker_failure_and_driver_restart_continue_the_same_trajectory(
+    lm_run, session_mlflow_uri, tmp_path_factory
+):
     # The shared run (dropout, f_thres jitter, the Jacobian loss on a random
-    # half of the steps, memory across segments) is the uninterrupted one.
+    # half of the steps, memory across segments) is the uninterrupted one; the
+    # interrupted one is the task contract's for the language model
+    # (tests/shared_runs.py), trained in the same storage.
     storage = lm_run.storage
     assert lm_run.result.return_value["status"] == "finished"
+    interrupted = shared_runs.interrupted_run(
+        shared_runs.LANGUAGE_MODEL, tmp_path_factory, session_mlflow_uri
+    )
+    first, second = interrupted.stopped, interrupted.run.result
 
     # a second run without a name in the same storage is a new run: nothing resumed
-    first, _ = run(
-        lm_run.overrides,
-        "train.stop_at_step=12",
-        cache=cache,
-        storage=storage,
-        workers=lm_run.workers,
-    )
     assert first.path != lm_run.path
     assert sorted(os.listdir(storage)) == sorted(
         os.path.basename(r.path) for r in (lm_run.result, first)
     )
     # the driver stops at step 12; a new driver, given its name, resumes it
     assert first.return_value["status"] == "stopped"
-    assert first.metrics["step"] == 12
+    assert first.metrics["step"] == shared_runs.LM_STOP_STEP == 12
     # ... and a worker (rank 1) dies at step 22: Ray Train restarts the workers from a checkpoint
-    second, rows = run(
-        lm_run.overrides,
-        "debug.fail_at_step=22",
-        "debug.fail_rank=1",
-        "checkpoint.max_failures=1",
-        cache=cache,
-        storage=storage,
-        workers=lm_run.workers,
-        name=os.path.basename(first.path),
-    )
+    assert "debug.fail_rank=1" in interrupted.run.overrides and interrupted.fault_step == 22
     assert second.path == first.path
     assert second.return_value["status"] == "finished"
     assert os.listdir(os.path.join(second.path, "_faults")) == ["step-22"]
-    _same(_trajectory(read_metrics(lm_run.path)), _trajectory(rows))
+    _same(_trajectory(read_metrics(lm_run.path)), _trajectory(read_metrics(second.path)))
 
 
 def test_divergence_is_reported_and_keeps_the_last_good_checkpoint(cache, tmp_path):
