@@ -1,12 +1,14 @@
 """The task deqray does not ship (examples/deblur), through the CLI as a user runs it.
 
 `deqray train examples/deblur/experiment.yaml` and `deqray tune
-examples/deblur/study.yaml` from the project root, each in a subprocess with
-its own local Ray (the task's package travels to the workers in the job's
-runtime environment). A run stopped and resumed by `deqray train` is held
-to the uninterrupted run of the same settings that the task contract trains
-on the session's Ray (tests/shared_runs.py). Cost: three short training
-runs in subprocesses and a 2-trial study, about 2 minutes.
+examples/deblur/study.yaml` from the project root, each in a subprocess that
+joins the session's Ray as a user's command joins a running cluster
+(conftest's `ray_address`; the task's package travels to the workers in the
+job's runtime environment). The README's example starts a local Ray of its
+own, as on a laptop. A run stopped and resumed by `deqray train` is held to
+the uninterrupted run of the same settings that the task contract trains on
+the session's Ray (tests/shared_runs.py). Cost: three short training runs in
+subprocesses and a 2-trial study, about 3 minutes beside other tests.
 """
 
 from __future__ import annotations
@@ -39,10 +41,9 @@ SMALL = [
 ]
 
 
-# Each subprocess starts its own Ray. Off: the preemption watcher (an actor
-# process per worker group) and Ray Train's metrics, which no test reads.
+# Off: the preemption watcher (an actor process per worker group) and Ray
+# Train's metrics, which no test reads.
 RAY_ENV = {
-    "RAY_ADDRESS": "local",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -50,8 +51,9 @@ RAY_ENV = {
 }
 
 
-def deqray(*args, timeout=600) -> str:
-    env = dict(os.environ, **RAY_ENV)
+def deqray(*args, address: str, timeout=600) -> str:
+    """`deqray ARGS` from the project root, on the Ray at `address`."""
+    env = dict(os.environ, **RAY_ENV, RAY_ADDRESS=address)
     env.pop("PYTHONPATH", None)  # the task must come from the project root alone
     proc = subprocess.run(
         [sys.executable, "-m", "deqray.cli", *map(str, args)],
@@ -67,18 +69,18 @@ def deqray(*args, timeout=600) -> str:
 
 
 def test_deqray_train_runs_the_example_task_and_resumes_it_exactly(
-    ray_session, tmp_path_factory, tmp_path
+    ray_address, tmp_path_factory, tmp_path
 ):
     # The uninterrupted run is the example task's run of the task contract,
-    # trained on the session's Ray (tests/shared_runs.py); these two, each a
-    # `deqray train` with its own Ray, must follow it exactly.
+    # trained in this process (tests/shared_runs.py); these two, each a
+    # `deqray train` of its own, must follow it exactly.
     whole = shared_runs.contract_run(TASK, tmp_path_factory)
     settings = [EXPERIMENT, *whole.overrides, "--storage", tmp_path, "--name", "r"]
 
     # stopped at step 8, then the same name resumes it to the end
-    out = deqray("train", *settings, "train.stop_at_step=8")
+    out = deqray("train", *settings, "train.stop_at_step=8", address=ray_address)
     assert "(deblur)" in out and "stopped at step 8" in out
-    out = deqray("train", *settings)
+    out = deqray("train", *settings, address=ray_address)
     assert "resuming run r" in out and "finished at step 16" in out and "val mse" in out
     resumed = read_metrics(str(tmp_path / "r"))
     assert [r["step"] for r in resumed] == [4, 8, 12, 16]
@@ -89,7 +91,7 @@ def test_deqray_train_runs_the_example_task_and_resumes_it_exactly(
             assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-8), (a["step"], key)
 
 
-def test_deqray_tune_sweeps_the_example_task_on_its_own_metrics(tmp_path):
+def test_deqray_tune_sweeps_the_example_task_on_its_own_metrics(ray_address, tmp_path):
     out = deqray(
         "tune",
         "examples/deblur/study.yaml",
@@ -99,6 +101,7 @@ def test_deqray_tune_sweeps_the_example_task_on_its_own_metrics(tmp_path):
         tmp_path,
         "--name",
         "deblur",
+        address=ray_address,
         timeout=900,
     )
     assert "Pareto front of 2 trials" in out
@@ -143,7 +146,7 @@ def test_the_readme_task_example_trains_from_its_project_root(tmp_path):
         "task: mypkg.tasks:Regression\nmodel: {width: 16}\ndeq: {f_thres: 12, b_thres: 12}\n"
         "optim: {steps: 16, batch_size: 32, lr: 0.01}\ntrain: {eval_every: 8}\n"
     )
-    env = dict(os.environ, **RAY_ENV)
+    env = dict(os.environ, **RAY_ENV, RAY_ADDRESS="local")  # a laptop: no Ray running
     proc = subprocess.run(
         [
             sys.executable,

@@ -1,11 +1,12 @@
 """`deqray tune` with its experiment on s3:// (moto, tests/s3_server.py) and its trials in
 SQLite kept with the experiment, or in a real PostgreSQL (tests/pg_server.py).
 
-Each study runs as `deqray tune` in a subprocess with its own local Ray
-(RAY_ADDRESS=local), as tests/test_tune.py does, stopped by PID. A
-"machine" is a working directory and an Optuna cache directory
-(DEQRAY_OPTUNA_CACHE) of its own: a study interrupted on machine A is
-resumed on machine B, which has never seen A's files.
+Each study runs as `deqray tune` in a subprocess that joins the session's
+Ray (conftest's `ray_address`), as tests/test_tune.py does, stopped by PID.
+A "machine" is a working directory and an Optuna cache directory
+(DEQRAY_OPTUNA_CACHE) of its own, where the study's driver runs: a study
+interrupted on machine A is resumed on machine B, which has never seen A's
+files.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from deqray.tune.runner import OPTUNA_DB, load_results
 from deqray.tune.study import load_study
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
+
+# the studies share the session's Ray: a placement group an interrupted one leaves is removed
+pytestmark = pytest.mark.usefixtures("ray_clean")
 
 
 def study_file(tmp_path: Path, cache: str, **changes) -> Path:
@@ -66,7 +70,8 @@ def study_file(tmp_path: Path, cache: str, **changes) -> Path:
 class Machine:
     """A working directory and an Optuna cache of its own."""
 
-    def __init__(self, root: Path, name: str):
+    def __init__(self, root: Path, name: str, ray_address: str):
+        self.ray_address = ray_address
         self.cwd = root / name
         self.cache = root / f"{name}-optuna-cache"
         self.cwd.mkdir()
@@ -74,7 +79,7 @@ class Machine:
     def tune(self, *args, wait: bool = True, timeout: float = 400):
         env = dict(
             os.environ,
-            RAY_ADDRESS="local",
+            RAY_ADDRESS=self.ray_address,
             RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
             RAY_DATA_DISABLE_PROGRESS_BARS="1",
             **{CACHE_ENV: str(self.cache)},
@@ -127,14 +132,14 @@ def cache(tmp_path_factory):
 
 
 def test_s3_study_resumes_on_another_machine_from_the_sqlite_copy(
-    s3_server, s3_bucket, cache, tmp_path
+    s3_server, s3_bucket, cache, ray_address, tmp_path
 ):
     """~130 s: a 3-trial study on s3:// interrupted in its second trial on machine A;
     A's SQLite file deleted; resumed on machine B, which reruns the second and samples
     the third; nothing lost, nothing run twice."""
     path = study_file(tmp_path, cache, trials=3)
     root, exp = f"{s3_bucket}/tune", f"{s3_bucket}/tune/s"
-    a, b = Machine(tmp_path, "a"), Machine(tmp_path, "b")
+    a, b = Machine(tmp_path, "a", ray_address), Machine(tmp_path, "b", ray_address)
     proc = a.tune(path, "--storage", root, "--name", "s", wait=False)
 
     def second_started():
@@ -179,7 +184,7 @@ def test_s3_study_resumes_on_another_machine_from_the_sqlite_copy(
 
 
 def test_postgres_study_runs_trials_together_and_resumes_elsewhere(
-    pg_url, cache, tmp_path, request
+    pg_url, cache, ray_address, tmp_path, request
 ):
     """~70 s: 2 trials at a time in a real PostgreSQL, the second 4 times longer;
     interrupted once the first ended; resumed from another working directory;
@@ -190,7 +195,7 @@ def test_postgres_study_runs_trials_together_and_resumes_elsewhere(
     }
     points = [{"optim.lr": 0.003, "optim.steps": 8}, {"optim.lr": 0.004, "optim.steps": 32}]
     path = study_file(tmp_path, cache, space=space, points_to_evaluate=points, concurrency=2)
-    a, b = Machine(tmp_path, "a"), Machine(tmp_path, "b")
+    a, b = Machine(tmp_path, "a", ray_address), Machine(tmp_path, "b", ray_address)
     exp = tmp_path / "exp"
     db = optuna.storages.RDBStorage(pg_url)  # one pool for all the looks (the server has 50)
     request.addfinalizer(db.engine.dispose)

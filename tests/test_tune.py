@@ -8,17 +8,17 @@ compare`, and MLflow tracking (a real server, tests/mlflow_server.py). A
 resumed study is tested with its storage (tests/test_storage_tune.py: an
 s3:// experiment and SQLite, a local one and PostgreSQL).
 
-Each study runs as `deqray tune` in a subprocess with its own local Ray
-(RAY_ADDRESS=local), as a user runs it. Inside the pytest process, Tune's
-later trials waited forever for their first data read (not reproduced in a
-plain Python process with the same ray.init): the subprocess also keeps a
-hung study from hanging the session. The processes are stopped by PID.
+Each study runs as `deqray tune` in a subprocess that joins the session's
+Ray (conftest's `ray_address`), as a user's joins a running cluster; a local
+instance of its own would cost some 12 CPU-s more. Inside the pytest process,
+Tune's later trials waited forever for their first data read (not reproduced
+in a plain Python process with the same ray.init): the subprocess also keeps
+a hung study from hanging the session. The processes are stopped by PID.
 
 Cost on the 2-core machine (2026-12-03): the study 100-130 s beside other
 tests, the MLflow server 15 s. Training is 2-3 s of each trial; the rest is
-Ray starting (a local instance per `deqray tune`, about 12 s) and each
-trial's driver, controller and worker processes (15-40 s a trial), so fewer
-steps or reports would save little.
+each trial's driver, controller and worker processes starting (15-40 s a
+trial), so fewer steps or reports would save little.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ from tests.mlflow_server import history as mlflow_history
 from tests.tensorboard_client import scalar_tags, scalars, tensorboard_server
 
 
-def deqray_tune(*args, timeout=600, wait=True):
+def deqray_tune(*args, address: str, timeout=600):
     env = dict(
         os.environ,
-        RAY_ADDRESS="local",
+        RAY_ADDRESS=address,
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
         RAY_DATA_DISABLE_PROGRESS_BARS="1",
     )
@@ -55,8 +55,6 @@ def deqray_tune(*args, timeout=600, wait=True):
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    if not wait:
-        return proc
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -120,7 +118,7 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def study(cache, mlflow_uri, tmp_path_factory):
+def study(cache, mlflow_uri, ray_address, tmp_path_factory):
     """The 3-trial study, run once: every test below reads it. Its trials track to the
     module's MLflow server, in the study's own MLflow experiment, though the base
     experiment names another one (the study's section wins)."""
@@ -134,7 +132,7 @@ def study(cache, mlflow_uri, tmp_path_factory):
         base=str(tmp / "base.yaml"),
         tracking={"mlflow": {"uri": mlflow_uri, "experiment_name": "sweep"}},
     )
-    out = deqray_tune(path, "--storage", tmp / "exp", "--name", "s")
+    out = deqray_tune(path, "--storage", tmp / "exp", "--name", "s", address=ray_address)
     return Study(out, load_results(str(tmp / "exp" / "s")), mlflow_uri)
 
 
@@ -207,8 +205,10 @@ def test_each_trial_is_named_and_its_run_has_its_hparams(study):
         assert hp["optim.lr"].number_value == pytest.approx(r["optim.lr"])
         assert hp["deq.f_solver"].string_value == r["deq.f_solver"]
         assert hp["deq.f_thres"].number_value == r["deq.f_thres"]
-        # the objectives' own curve, one point per report
-        assert len(acc.Scalars("Objectives/val_ppl")) == r["reports"]
+        # the objectives' own curve, one point per report (a trial stopped early: its
+        # worker may have reported again before Tune's stop reached it)
+        points = len(acc.Scalars("Objectives/val_ppl"))
+        assert points == r["reports"] if r["status"] == "finished" else points >= r["reports"]
     assert sorted(int(r["trial"][1:3]) for r in result.rows) == [0, 1, 2]
 
 
@@ -282,8 +282,10 @@ def check_tensorboard(result):
             weights = scalars(url, run, "jacobian/jac_loss_weight")
             values = [v for _, v in weights]
             assert weights and all(values[i] != values[i + 1] for i in range(len(values) - 1))
-            ppl = scalars(url, run, "Objectives/val_ppl")
-            assert ppl[-1][1] == pytest.approx(expected[run]["val_ppl"], rel=1e-6)
+            # the value Tune got, at its step (a trial stopped early may have one more)
+            ppl = dict(scalars(url, run, "Objectives/val_ppl"))
+            row = expected[run]
+            assert ppl[row["step"]] == pytest.approx(row["val_ppl"], rel=1e-6)
 
 
 def check_dashboard(result):
