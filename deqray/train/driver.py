@@ -14,6 +14,7 @@ the workers get that typed context as it is.
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import time
@@ -85,6 +86,26 @@ def resolve(
     return cfg
 
 
+def unsplit_for_one_worker(data_config, workers: int):
+    """A plain `ray.train.DataConfig` for a single worker, with no split: one worker's
+    split is the whole dataset in the same order, but each split costs a
+    SplitCoordinator actor that starts before the first batch (docs/ray-notes.md,
+    "What a fit costs on 2 CPUs"); unsplit, the worker executes the dataset itself.
+    None is TorchTrainer's default, `DataConfig()`, which splits every dataset. A
+    DataConfig with a `configure` of its own (the language model's lanes) is kept."""
+    from ray.train import DataConfig
+
+    if workers != 1:
+        return data_config
+    if data_config is None:
+        return DataConfig(datasets_to_split=[])
+    if type(data_config).configure is not DataConfig.configure:
+        return data_config
+    unsplit = copy.copy(data_config)
+    unsplit._datasets_to_split = []  # the constructor's `datasets_to_split`, kept private by Ray
+    return unsplit
+
+
 def trainer_for(cfg: Experiment, *, callbacks=None, verbose: bool = True, hooks=None, board=None):
     """(TorchTrainer, run name, run URI, RunContext) for a validated config: the task's
     data prepared, the run planned and named. `board` (`tensorboard.TrialBoard`): a
@@ -98,6 +119,7 @@ def trainer_for(cfg: Experiment, *, callbacks=None, verbose: bool = True, hooks=
     run = plan_run(cfg, run_uri)
     datasets, data_config = run.task.datasets(run)
     s = cfg.scaling
+    data_config = unsplit_for_one_worker(data_config, s.workers)
     cpus = (
         s.cpus_per_worker if s.cpus_per_worker is not None else (1.0 if s.gpus_per_worker else 0.5)
     )
