@@ -64,19 +64,19 @@ SHARED_RUN_FILES = frozenset(
 )
 
 
-# The longest files first (seconds on 2 cores, 2026-12-03), the rest in collection
-# order: xdist hands out files in that order, and its default order (most tests
-# first) left one process alone for minutes at the end of the suite with the
-# few-test, long-running files it had kept for last.
+# The longest files first (seconds on 2 cores, 2026-12-04: 1,010 s in all), the rest
+# in collection order: xdist hands out files in that order, and its default order
+# (most tests first) left one process alone for minutes at the end of the suite with
+# the few-test, long-running files it had kept for last.
 LONGEST_FIRST = (
-    "shared runs",  # SHARED_RUN_FILES: ~1100
-    "test_cluster.py",  # ~470
-    "test_storage_tune.py",  # ~300
-    "test_storage_train.py",  # ~260
-    "test_tune.py",  # ~150
-    "test_data_vision.py",  # ~120
-    "test_storage_faults.py",  # ~100
-    "test_data_segmentation.py",  # ~80
+    "shared runs",  # SHARED_RUN_FILES: ~750
+    "test_storage_train.py",  # ~235
+    "test_storage_tune.py",  # ~230
+    "test_cluster.py",  # ~210
+    "test_tune.py",  # ~125
+    "test_storage_faults.py",  # ~90
+    "test_data_vision.py",  # ~75
+    "test_data_segmentation.py",  # ~35
 )
 
 
@@ -142,9 +142,9 @@ def ray_address(ray_session) -> str:
     """The session Ray's GCS address. A `deqray` subprocess given it as RAY_ADDRESS joins
     this instance, as a user's command joins a running cluster, instead of starting a
     local one of its own (about half of a `deqray preprocess digits`: 8 of its 16 CPU-s
-    are its instance's GCS, raylet, dashboard and agents). For a `deqray tune` the
-    saving was lost in its trials' cost (docs/ray-notes.md, "What a fit costs on 2
-    CPUs"). Tests that check the start of a local instance keep RAY_ADDRESS=local."""
+    are its instance's GCS, raylet, dashboard and agents; a `deqray train` or `deqray
+    tune` about 12 CPU-s and 11 s: docs/ray-notes.md, "What a fit costs on 2 CPUs").
+    Tests that check the start of a local instance keep RAY_ADDRESS=local."""
     return ray_session.get_runtime_context().gcs_address
 
 
