@@ -102,44 +102,33 @@ def deqray_model(model: str, setting: str, iters: int):
         overrides = dict(preset="mdeq-cifar-tiny", dropout=0.0)
     net = build(overrides).train()
     if setting == "equal":
-        (deq,) = [m for m in net.modules() if type(m).__name__ == "DEQ"]
+        from bench_step import set_deq
+
         fields = dict(f_thres=iters, f_tol=TIGHT, b_thres=iters, b_tol=TIGHT, f_thres_jitter=0)
         if model == "transformer":
             fields.update(f_solver="anderson", f_solver_options={"m": 6}, b_solver="broyden")
         else:
             fields.update(f_solver="broyden", b_solver="broyden")
-        deq.config = type(deq.config).build(deq.config, **fields)
+        set_deq(net, **fields)
     return net
 
 
 def deqray_side(model: str, setting: str, iters: int, steps: int) -> dict:
+    """bench_step's fixed-batch step of the model, timed; its evaluations from the last step."""
     import torch
+    from bench_step import mdeq_step, transformer_step
 
     torch.manual_seed(0)
     net = deqray_model(model, setting, iters)
-    g = torch.Generator().manual_seed(0)
-    seen = {}
     if model == "transformer":
-        tokens = torch.randint(0, VOCAB, (LM_BATCH, 2 * SEG + 1), generator=g)
-        x0, x1, y1 = tokens[:, :SEG], tokens[:, SEG:-1], tokens[:, SEG + 1 :]
-        with torch.no_grad():
-            mems = net(x0, pretrain=True).mems
-
-        def step():
-            net.zero_grad(set_to_none=True)
-            out = net(x1, y1, mems)
-            out.loss.backward()
-            seen["metrics"] = out.info.metrics()
-
+        run = transformer_step(net, LM_BATCH)  # a 16-token memory from a previous segment
     else:
-        images = torch.randn(IMAGE_BATCH, 3, 32, 32, generator=g)
-        labels = torch.randint(0, 10, (IMAGE_BATCH,), generator=g)
+        run = mdeq_step(net, IMAGE_BATCH)
+    seen = {}
 
-        def step():
-            net.zero_grad(set_to_none=True)
-            logits, info = net(images)
-            net.loss(logits, labels).backward()
-            seen["metrics"] = info.metrics()
+    def step():
+        net.zero_grad(set_to_none=True)
+        seen["metrics"] = run().metrics()
 
     walls = time_steps(step, steps)
     m = seen["metrics"]
